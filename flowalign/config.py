@@ -1,0 +1,204 @@
+"""Training configuration: one frozen dataclass, YAML in, resolved YAML out, any field overridable.
+
+Names are resolved at the edge: this module turns strings (presets, prompt sources) into values; the
+trainer takes built objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every knob of a GRPO run. Batch sizes: B = prompts_per_step * group_size samples per step."""
+
+    # --- model -------------------------------------------------------------------------------------
+    model: str = "shapes"  # built-in zoo name ("shapes"), local pipeline dir, or Hugging Face hub id
+    dtype: str = "float32"  # weights dtype of the frozen parts: float32 | bfloat16 | float16
+    mixed_precision: str = "no"  # accelerate autocast: no | bf16 | fp16
+    max_sequence_length: int | None = None  # text tokens; None = the model's recommended value
+    # --- sampling ----------------------------------------------------------------------------------
+    num_steps: int = 10  # denoising steps while training (Flow-GRPO trains with fewer than it evaluates)
+    eval_num_steps: int = 20  # denoising steps for evaluation and grids (ODE, noise 0)
+    guidance_scale: float = 4.5  # CFG used to sample AND to recompute log-probs (must match)
+    eval_guidance_scale: float | None = None  # None = guidance_scale
+    noise_level: float = 0.7  # SDE noise scale a (SD3 0.7, FLUX 0.9)
+    sampler: str = "sde"  # sde | cps
+    sde_window: int = 0  # >0: SDE (and training) only on a random window of this many early steps
+    sde_window_max_start: int | None = None  # last allowed window start; None = num_steps // 2
+    # --- data --------------------------------------------------------------------------------------
+    prompts: str = "shapes:train"  # "shapes:train" | "shapes:eval" | path to a text file (one per line)
+    eval_prompts: str = "shapes:eval"
+    num_eval_prompts: int = 64  # fixed evaluation prompts (the first N)
+    prompts_per_step: int = 4  # P distinct prompts per step
+    group_size: int = 8  # G samples per prompt (>= 2: advantages are relative within a group)
+    # --- reward and credit -------------------------------------------------------------------------
+    reward: Any = "shapes_partial"  # a registered reward name, or a list of {name, weight, kwargs}
+    credit: str = "outcome"  # outcome (Flow-GRPO) | incremental | turning_point
+    adv_std: str = "group"  # group | batch: scope of the std in group-relative advantages
+    adv_clip: float = 5.0
+    # --- optimisation ------------------------------------------------------------------------------
+    lora_rank: int = 16  # 0 = full fine-tuning
+    lora_alpha: float | None = None  # None = lora_rank
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-4
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 0
+    train_batch_size: int = 8  # samples per forward/backward minibatch
+    grad_accum: int = 1  # minibatches per optimizer step (each accumulates over all its trained steps)
+    inner_epochs: int = 1  # passes over each step's samples
+    clip_range: float = 1e-4  # PPO clip epsilon on the ratio (tiny: log-probs are per-element means)
+    kl_beta: float = 0.0  # weight of the KL to the reference (LoRA disabled / frozen copy)
+    ema_decay: float = 0.0  # >0: keep an EMA of the trainable weights, used for evaluation
+    # --- run ---------------------------------------------------------------------------------------
+    max_steps: int = 100
+    seed: int = 0
+    output_dir: str = "runs/shapes"
+    save_every: int = 25  # checkpoint every N steps (and at the end)
+    eval_every: int = 25  # evaluate every N steps (and at start and end); 0 = only start and end
+    eval_seed: int = 1234
+    grid_prompts: int = 8  # prompts in the before/after grid (0 = no grid)
+    device: str | None = None  # None = accelerate's choice
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field and the fix."""
+        if self.group_size < 2:
+            raise ValueError(
+                f"group_size must be >= 2 (group-relative advantages need a group), got {self.group_size}"
+            )
+        if self.prompts_per_step < 1 or self.max_steps < 0 or self.num_steps < 2 or self.eval_num_steps < 1:
+            raise ValueError("prompts_per_step >= 1, max_steps >= 0, num_steps >= 2 and eval_num_steps >= 1 required")
+        if self.batch_size % self.train_batch_size:
+            raise ValueError(
+                f"train_batch_size ({self.train_batch_size}) must divide "
+                f"prompts_per_step*group_size ({self.batch_size})"
+            )
+        if self.sde_window >= self.num_steps:
+            raise ValueError(f"sde_window ({self.sde_window}) must be < num_steps ({self.num_steps}); 0 = all steps")
+        for name, allowed in {
+            "sampler": ("sde", "cps"),
+            "credit": ("outcome", "incremental", "turning_point"),
+            "adv_std": ("group", "batch"),
+            "dtype": ("float32", "bfloat16", "float16"),
+            "mixed_precision": ("no", "bf16", "fp16"),
+        }.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def _unknown_key_error(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, field_names(), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown config key {key!r}{hint}; valid keys: {', '.join(field_names())}")
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Converts YAML / command-line values to the field's declared type."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        inner = args[0] if args else str
+        return tuple(inner(x.strip()) if isinstance(x, str) else inner(x) for x in items)
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"{name} expects true/false, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        return bool(value)
+    try:
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} expects {hint.__name__}, got {value!r}") from None
+
+
+def make_config(values: dict[str, Any]) -> TrainConfig:
+    """Builds and validates a config from a mapping; unknown keys are named with the valid ones."""
+    valid = set(field_names())
+    for key in values:
+        if key not in valid:
+            raise _unknown_key_error(key)
+    cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    cfg.validate()
+    return cfg
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def read_yaml(source: str) -> dict[str, Any]:
+    """A YAML file path or a built-in preset name -> mapping."""
+    path = Path(source)
+    if not path.exists():
+        if source not in preset_names():
+            raise FileNotFoundError(
+                f"config {source!r} is neither a YAML file nor a built-in preset; presets: {', '.join(preset_names())}"
+            )
+        path = PRESET_DIR / f"{source}.yaml"
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(source: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Preset or YAML file, then overrides (later wins)."""
+    values = read_yaml(source) if source else {}
+    values.update(overrides or {})
+    return make_config(values)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    data = dataclasses.asdict(cfg)
+    data = {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def load_prompts(source: str) -> list[str]:
+    """Resolves a prompt source: "shapes:train" / "shapes:eval" (the built-in world) or a text file."""
+    if source.startswith("shapes:"):
+        from flowalign import world
+
+        split = source.split(":", 1)[1]
+        if split not in ("train", "eval"):
+            raise ValueError(f"unknown built-in prompt set {source!r}; use shapes:train or shapes:eval")
+        return world.train_captions() if split == "train" else world.eval_captions()
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {source!r} not found; pass a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {source!r} is empty; it needs one prompt per line")
+    return prompts
+
+

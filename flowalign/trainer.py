@@ -1,0 +1,454 @@
+"""GRPOTrainer: sample -> score -> assign credit -> clipped policy update, with exact resume.
+
+A linear loop (cleanrl style). Sampling noise, prompt choice and minibatch order are drawn from
+generators seeded by (seed, step, rank), so a resumed run replays exactly what an uninterrupted one does;
+the only carried state is weights, optimizer, LR schedule, EMA and the step counter.
+Groups are sampled on one process, so group statistics need no cross-rank gather; metrics and gradients do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from flowalign import credit as credit_lib
+from flowalign.config import TrainConfig, to_yaml
+from flowalign.losses import policy_step_loss
+from flowalign.samplers.rollout import replay_step, rollout
+from flowalign.types import FlowAdapter, Trajectory
+
+logger = logging.getLogger(__name__)
+
+
+class RewardError(ValueError):
+    """A reward returned NaN/inf or the wrong shape; training stops, the last checkpoint stays intact."""
+
+
+@dataclass(frozen=True)
+class Rewards:
+    """Scores of one batch: the total that drives credit, and each head's raw score for the log."""
+
+    total: Tensor  # [B] fp32
+    raw: dict[str, Tensor]  # name -> [B]
+
+
+RewardCallable = Callable[..., "Tensor | Rewards"]
+Evaluator = Callable[[Tensor, Sequence[str]], dict[str, float]]
+
+
+def _seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (no Python hash randomisation)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint32).astype(np.uint64) @ [1 << 31, 1])
+
+
+class GRPOTrainer:
+    """Flow-GRPO / TP-GRPO on a diffusers flow pipeline through a `FlowAdapter`.
+
+    Args:
+        cfg: the run's configuration.
+        adapter: built from a stock pipeline (`flowalign.adapters.adapter_for`).
+        reward_fn: `(images [B,3,H,W], prompts, **columns) -> Tensor[B] | Rewards`.
+        train_prompts / eval_prompts: resolved prompt lists.
+        evaluator: optional `(images, prompts) -> {metric: value}` for richer eval reports (e.g. the
+            shapes checker's per-category accuracy).
+        reward_name: named in errors.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        adapter: FlowAdapter,
+        reward_fn: RewardCallable,
+        train_prompts: Sequence[str],
+        eval_prompts: Sequence[str],
+        *,
+        evaluator: Evaluator | None = None,
+        reward_name: str = "reward",
+        accelerator: Accelerator | None = None,
+    ) -> None:
+        cfg.validate()
+        if not train_prompts:
+            raise ValueError("no training prompts")
+        self.cfg, self.adapter, self.reward_fn = cfg, adapter, reward_fn
+        self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)[: cfg.num_eval_prompts]
+        self.evaluator, self.reward_name = evaluator, reward_name
+        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+        self.device = self.accelerator.device
+        self.out = Path(cfg.output_dir)
+        self.step = 0
+
+        transformer = adapter.transformer
+        transformer.requires_grad_(False)
+        self.ref_model: torch.nn.Module | None = None
+        if cfg.lora_rank > 0:
+            from peft import LoraConfig
+
+            transformer.add_adapter(
+                LoraConfig(
+                    r=cfg.lora_rank,
+                    lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(cfg.lora_targets),
+                )
+            )
+            # PEFT's gaussian init still zeros B, so the run starts exactly at the base model.
+        else:
+            if cfg.kl_beta > 0:
+                self.ref_model = copy.deepcopy(transformer).requires_grad_(False).eval()
+            transformer.requires_grad_(True)
+        # Trainable weights in fp32 even when the frozen base is bf16: LoRA updates are tiny.
+        self.params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+        for p in self.params.values():
+            p.data = p.data.float()
+        self.optimizer = torch.optim.AdamW(
+            self.params.values(), lr=cfg.learning_rate, betas=cfg.adam_betas, weight_decay=cfg.weight_decay
+        )
+        warm = max(cfg.warmup_steps, 0)
+        self.lr_schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0
+        )
+        self.ema = {n: p.detach().clone() for n, p in self.params.items()} if cfg.ema_decay > 0 else None
+
+    # ----------------------------------------------------------------------------------------- sampling
+    def _sde_steps(self, rng: np.random.Generator) -> list[int]:
+        cfg = self.cfg
+        if cfg.sde_window <= 0:
+            return list(range(cfg.num_steps - 1))  # never the last step: its Gaussian collapses
+        max_start = cfg.sde_window_max_start if cfg.sde_window_max_start is not None else cfg.num_steps // 2
+        max_start = min(max_start, cfg.num_steps - 1 - cfg.sde_window)
+        start = int(rng.integers(0, max_start + 1))
+        return list(range(start, start + cfg.sde_window))
+
+    @torch.no_grad()
+    def sample(self, step: int) -> Trajectory:
+        """P prompts x G samples with log-probs; group p occupies rows p*G .. p*G+G-1."""
+        cfg = self.cfg
+        rank = self.accelerator.process_index
+        rng = np.random.default_rng(_seed(cfg.seed, step, rank, 1))
+        replace = len(self.train_prompts) < cfg.prompts_per_step
+        idx = rng.choice(len(self.train_prompts), size=cfg.prompts_per_step, replace=replace)
+        prompts = [self.train_prompts[i] for i in idx]
+        cond = self.adapter.encode(prompts, cfg.guidance_scale).repeat(cfg.group_size)
+        gen = torch.Generator(device="cpu").manual_seed(_seed(cfg.seed, step, rank, 2))
+        self.adapter.transformer.eval()
+        with self.accelerator.autocast():
+            return rollout(
+                self.adapter,
+                [p for p in prompts for _ in range(cfg.group_size)],
+                num_steps=cfg.num_steps,
+                guidance_scale=cfg.guidance_scale,
+                noise_level=cfg.noise_level,
+                sampler=cfg.sampler,
+                sde_steps=self._sde_steps(rng),
+                generator=gen,
+                cond=cond,
+            )
+
+    def score(self, images: Tensor, prompts: Sequence[str], columns: dict | None = None) -> Rewards:
+        """Calls the reward and refuses NaN/inf with an error that names the reward and the step."""
+        out = self.reward_fn(images, list(prompts), **(columns or {}))
+        rewards = out if isinstance(out, Rewards) else Rewards(out, {self.reward_name: out})
+        total = rewards.total.detach().float().cpu()
+        if total.shape != (len(prompts),) or not torch.isfinite(total).all():
+            raise RewardError(
+                f"reward {self.reward_name!r} returned {'non-finite values' if total.numel() else 'nothing'} "
+                f"(shape {tuple(total.shape)}) at step {self.step}; the last checkpoint in {self.out / 'checkpoints'} "
+                "is intact"
+            )
+        return Rewards(total, {k: v.detach().float().cpu() for k, v in rewards.raw.items()})
+
+    def assign_credit(self, traj: Trajectory, rewards: Rewards) -> credit_lib.CreditOutput:
+        cfg = self.cfg
+        group_ids = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
+        n = int(traj.sde_mask.sum())
+        return credit_lib.assign_credit(
+            None, rewards.total, group_ids, credit=cfg.credit, n=n, std_scope=cfg.adv_std, clip=cfg.adv_clip
+        )
+
+    # ----------------------------------------------------------------------------------------- update
+    @contextlib.contextmanager
+    def reference_policy(self) -> Iterator[None]:
+        """The KL reference: the same transformer with LoRA disabled, or a frozen copy when fully fine-tuned."""
+        transformer = self.adapter.transformer
+        if self.ref_model is None:
+            transformer.disable_adapters()
+            try:
+                yield
+            finally:
+                transformer.enable_adapters()
+        else:
+            pipe = self.adapter.pipe
+            pipe.transformer = self.ref_model
+            try:
+                yield
+            finally:
+                pipe.transformer = transformer
+
+    def _optimizer_step(self) -> float:
+        if self.accelerator.num_processes > 1:
+            for p in self.params.values():
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(self.params.values(), self.cfg.max_grad_norm) if grads else 0.0
+        self.optimizer.step()
+        self.lr_schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            d = self.cfg.ema_decay
+            for n, p in self.params.items():
+                self.ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
+        return float(norm)
+
+    def train_on(self, traj: Trajectory, credit: credit_lib.CreditOutput, step: int) -> dict[str, float]:
+        """PPO-clipped updates over the trained steps; gradients accumulate over steps and minibatches."""
+        cfg = self.cfg
+        steps = torch.nonzero(traj.sde_mask).flatten().tolist()
+        keep = torch.nonzero(credit.keep).flatten()
+        stats: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "kl", "clip_frac", "approx_kl")}
+        ratios: list[Tensor] = []
+        norms: list[float] = []
+        if keep.numel() == 0:
+            return {"train/kept_frac": 0.0}
+        self.adapter.transformer.train()
+        rng = torch.Generator().manual_seed(_seed(cfg.seed, step, self.accelerator.process_index, 3))
+        n_batches = 0
+        for _ in range(cfg.inner_epochs):
+            order = keep[torch.randperm(keep.numel(), generator=rng)]
+            for chunk in order.split(cfg.train_batch_size):
+                sub = traj.select(chunk)
+                adv = credit.advantages[chunk].to(self.device)
+                for j, k in enumerate(steps):
+                    with self.accelerator.autocast():
+                        new = replay_step(self.adapter, sub, k)
+                        ref_mean = None
+                        if cfg.kl_beta > 0:
+                            with torch.no_grad(), self.reference_policy():
+                                ref_mean = replay_step(self.adapter, sub, k).mean
+                    out = policy_step_loss(
+                        new.log_prob,
+                        sub.log_probs[:, k].to(self.device),
+                        adv[:, j],
+                        cfg.clip_range,
+                        kl_beta=cfg.kl_beta,
+                        mean=new.mean,
+                        ref_mean=ref_mean,
+                        std=new.std,
+                    )
+                    self.accelerator.backward(out.loss / (len(steps) * cfg.grad_accum))
+                    for key in stats:
+                        stats[key].append(float(getattr(out, key)))
+                    ratios.append(out.ratio.float().cpu())
+                n_batches += 1
+                if n_batches % cfg.grad_accum == 0:
+                    norms.append(self._optimizer_step())
+        if n_batches % cfg.grad_accum:
+            norms.append(self._optimizer_step())
+        ratio = torch.cat(ratios)
+        metrics = {f"train/{k}": float(np.mean(v)) for k, v in stats.items()}
+        metrics.update(
+            {
+                "train/ratio_mean": float(ratio.mean()),
+                "train/ratio_min": float(ratio.min()),
+                "train/ratio_max": float(ratio.max()),
+                "train/grad_norm": float(np.mean(norms)),
+                "train/kept_frac": keep.numel() / len(traj.prompts),
+                "train/lr": self.lr_schedule.get_last_lr()[0],
+            }
+        )
+        return metrics
+
+    # ----------------------------------------------------------------------------------------- eval
+    @contextlib.contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """Temporarily swaps the EMA weights in (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        backup = {n: p.detach().clone() for n, p in self.params.items()}
+        for n, p in self.params.items():
+            p.data.copy_(self.ema[n])
+        try:
+            yield
+        finally:
+            for n, p in self.params.items():
+                p.data.copy_(backup[n])
+
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[str], seed: int, batch_size: int = 64) -> Tensor:
+        """Deterministic (ODE) images for `prompts` at the evaluation settings; [N,3,H,W] on CPU."""
+        cfg = self.cfg
+        guidance = cfg.eval_guidance_scale if cfg.eval_guidance_scale is not None else cfg.guidance_scale
+        self.adapter.transformer.eval()
+        images = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            gen = torch.Generator(device="cpu").manual_seed(_seed(seed, start))
+            with self.ema_weights(), self.accelerator.autocast():
+                traj = rollout(
+                    self.adapter,
+                    chunk,
+                    num_steps=cfg.eval_num_steps,
+                    guidance_scale=guidance,
+                    noise_level=0.0,
+                    sde_steps=[],
+                    generator=gen,
+                )
+            images.append(traj.images.float().cpu())
+        return torch.cat(images)
+
+    def evaluate(self) -> dict[str, float]:
+        """Reward (and evaluator metrics) of deterministic samples on the fixed evaluation prompts."""
+        if not self.eval_prompts:
+            return {}
+        t0 = time.perf_counter()
+        images = self.generate(self.eval_prompts, self.cfg.eval_seed)
+        rewards = self.score(images, self.eval_prompts)
+        metrics = {"eval/reward_mean": float(rewards.total.mean())}
+        if self.evaluator is not None:
+            metrics.update({f"eval/{k}": float(v) for k, v in self.evaluator(images, self.eval_prompts).items()})
+        metrics["time/eval"] = time.perf_counter() - t0
+        return metrics
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def trainable_state(self) -> dict[str, Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.params.items()}
+
+    def save(self) -> Path:
+        """Writes checkpoints/step_N atomically (temporary directory, then rename) and points `latest` at it."""
+        if not self.accelerator.is_main_process:
+            return self.out / "checkpoints"
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step_{self.step:06d}"
+        tmp = root / f".tmp_step_{self.step:06d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        save_file(self.trainable_state(), tmp / "trainable.safetensors")
+        if self.ema is not None:
+            save_file({n: t.cpu().contiguous() for n, t in self.ema.items()}, tmp / "ema.safetensors")
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "lr_schedule": self.lr_schedule.state_dict()},
+            tmp / "optimizer.pt",
+        )
+        save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
+        meta = {"step": self.step, "lora_rank": self.cfg.lora_rank, "model": self.cfg.model}
+        (tmp / "state.json").write_text(json.dumps(meta))
+        (tmp / "config.yaml").write_text(to_yaml(self.cfg))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = root / ".latest.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, root / "latest")
+        return final
+
+    def load(self, path: str | Path) -> None:
+        """Restores a checkpoint written by `save` (a step directory or the checkpoints root)."""
+        path = Path(path)
+        if (path / "latest").exists():
+            path = path / (path / "latest").read_text().strip()
+        if not (path / "trainable.safetensors").exists():
+            raise FileNotFoundError(f"no checkpoint at {path}: expected trainable.safetensors from `flowalign train`")
+        state = load_file(path / "trainable.safetensors")
+        missing = set(self.params) ^ set(state)
+        if missing:
+            raise ValueError(f"checkpoint {path} does not match this model/LoRA config: {sorted(missing)[:5]} ...")
+        for n, p in self.params.items():
+            p.data.copy_(state[n])
+        if self.ema is not None and (path / "ema.safetensors").exists():
+            self.ema = {k: v.to(self.device) for k, v in load_file(path / "ema.safetensors").items()}
+        opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(opt["optimizer"])
+        self.lr_schedule.load_state_dict(opt["lr_schedule"])
+        torch.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
+        self.step = json.loads((path / "state.json").read_text())["step"]
+
+    # ----------------------------------------------------------------------------------------- loop
+    def _log(self, record: dict[str, float]) -> None:
+        if self.accelerator.is_main_process:
+            with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _truncate_metrics(self) -> None:
+        """On resume, drop log lines written after the checkpoint so the log equals an uninterrupted run's."""
+        path = self.out / "metrics.jsonl"
+        if path.exists() and self.accelerator.is_main_process:
+            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.step]
+            path.write_text("".join(ln + "\n" for ln in lines))
+
+    def train_step(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        traj = self.sample(step)
+        t1 = time.perf_counter()
+        rewards = self.score(traj.images, traj.prompts, traj.columns)
+        t2 = time.perf_counter()
+        credit = self.assign_credit(traj, rewards)
+        metrics = self.train_on(traj, credit, step)
+        t3 = time.perf_counter()
+        group_ids = torch.arange(self.cfg.prompts_per_step).repeat_interleave(self.cfg.group_size)
+        gathered = self.accelerator.gather(rewards.total.to(self.device)).float().cpu()
+        metrics.update(
+            {
+                "reward/mean": float(gathered.mean()),
+                "reward/std": float(gathered.std()) if gathered.numel() > 1 else 0.0,
+                "reward/zero_std_frac": credit_lib.zero_variance_fraction(rewards.total, group_ids),
+                **{f"reward/{k}": float(v.mean()) for k, v in rewards.raw.items() if k != "total"},
+                **credit_lib.credit_stats(credit),
+                "time/sample": t1 - t0,
+                "time/reward": t2 - t1,
+                "time/train": t3 - t2,
+            }
+        )
+        return metrics
+
+    def train(self, resume: str | Path | None = None, progress: bool = True) -> list[dict[str, float]]:
+        """Runs to `max_steps`; returns the metric records written this call."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.accelerator.is_main_process:
+            (self.out / "config.yaml").write_text(to_yaml(cfg))
+        if resume:
+            self.load(resume)
+            self._truncate_metrics()
+        elif (self.out / "metrics.jsonl").exists() and self.accelerator.is_main_process:
+            (self.out / "metrics.jsonl").unlink()
+        records = []
+        if self.step == 0 and not resume:
+            rec = {"step": 0, **self.evaluate()}
+            self._log(rec)
+            records.append(rec)
+        bar = tqdm(
+            range(self.step, cfg.max_steps),
+            disable=not (progress and self.accelerator.is_main_process),
+            desc="train",
+            initial=self.step,
+            total=cfg.max_steps,
+        )
+        for step in bar:
+            metrics = self.train_step(step)
+            self.step = step + 1
+            if cfg.eval_every and self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                metrics.update(self.evaluate())
+            rec = {"step": self.step, **metrics}
+            self._log(rec)
+            records.append(rec)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
+            if cfg.save_every and self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save()
+        return records
