@@ -74,11 +74,11 @@ def _check_finite(x: Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or inf; fix the reward function before assigning credit")
 
 
-def _check_group_ids(group_ids: Tensor, batch: int) -> None:
+def _check_group_ids(group_ids: Tensor, batch: int, name: str = "group_ids") -> None:
     if group_ids.dim() != 1 or group_ids.shape[0] != batch:
-        raise ValueError(f"group_ids must have shape [B] = [{batch}], got {tuple(group_ids.shape)}")
+        raise ValueError(f"{name} must have shape [B] = [{batch}], got {tuple(group_ids.shape)}")
     if group_ids.dtype.is_floating_point or group_ids.dtype == torch.bool:
-        raise ValueError(f"group_ids must be an integer tensor (one id per prompt), got {group_ids.dtype}")
+        raise ValueError(f"{name} must be an integer tensor (one id per row), got {group_ids.dtype}")
 
 
 def _check_eps_clip(eps: float, clip: float) -> None:
@@ -319,7 +319,7 @@ def balance_turning_points(
     if key not in BALANCE_KEYS:
         raise ValueError(f"balance key must be one of {BALANCE_KEYS}, got {key!r}")
     if scope_ids is not None:
-        _check_group_ids(scope_ids, B)
+        _check_group_ids(scope_ids, B, "scope_ids")
 
     R = _float(step_rewards)
     d = R[:, 1:] - R[:, :-1]
@@ -513,7 +513,7 @@ def assign_credit(
             f"step_rewards has {step_rewards.shape[0]} rows but final_rewards has {final_rewards.shape[0]}"
         )
     if scope_ids is not None:
-        _check_group_ids(scope_ids, final_rewards.shape[0])
+        _check_group_ids(scope_ids, final_rewards.shape[0], "scope_ids")
     rule = CREDIT.get(credit)
     return rule(
         step_rewards,
