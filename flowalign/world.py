@@ -5,14 +5,14 @@ for real models, so every alignment experiment here has a ground-truth reward th
 
 Caption grammar (six GenEval-like categories; 993 captions in all):
 
-| category      | form                                   | example                                    | colours |
-|---------------|----------------------------------------|--------------------------------------------|---------|
-| single_object | a {shape}                              | a circle                                   | free    |
-| two_object    | a {shape} and a {shape}                | a circle and a square                      | free    |
-| counting      | {number} {shape}s                      | three triangles                            | free    |
-| colors        | a {color} {shape}                      | a green square                             | stated  |
+| category      | form                                           | example                                   | colour |
+|---------------|------------------------------------------------|-------------------------------------------|--------|
+| single_object | a {shape}                                      | a circle                                  | free   |
+| two_object    | a {shape} and a {shape}                        | a circle and a square                     | free   |
+| counting      | {number} {shape}s                              | three triangles                           | free   |
+| colors        | a {color} {shape}                              | a green square                            | stated |
 | position      | a {color} {shape} {relation} a {color} {shape} | a red circle to the left of a blue square | stated |
-| color_attr    | a {color} {shape} and a {color} {shape}| a blue circle and a red triangle           | stated  |
+| color_attr    | a {color} {shape} and a {color} {shape}        | a blue circle and a red triangle          | stated |
 
 Shapes differ within two_object and color_attr, colours differ within color_attr, and the two objects of a
 position caption differ in shape or colour, so every stated object names one thing in the image.
@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from itertools import permutations, product
+from typing import TypeVar
 
 import numpy as np
+
+_Num = TypeVar("_Num", float, np.ndarray)
 
 IMAGE_SIZE = 32
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
@@ -59,6 +62,7 @@ SIZES = (9, 11, 13)
 SIZES_CROWDED = (9, 11)  # for scenes of 3-4 objects, so random placement succeeds quickly
 BORDER = 1  # empty pixels kept between any object and the image edge
 GAP = 2  # empty pixels kept between two objects' boxes, so their 8-connected components never touch
+_CANDIDATES = 64  # candidate positions drawn per object per attempt
 REL_MIN_OFFSET = 6.0  # a relation needs >= 6 px of centre offset along its axis ...
 # ... and a smaller offset across it (|perpendicular| < along), the same rule in sampler and checker.
 
@@ -247,7 +251,7 @@ def is_held_out(spec: CaptionSpec | str) -> bool:
     return objs[0].shape in HELD_OUT_SINGLE
 
 
-@lru_cache(maxsize=None)
+@cache
 def _split_by_category(split: str) -> dict[str, tuple[str, ...]]:
     """Unique captions of a split, grouped by category, in grammar order."""
     if split not in ("train", "eval", "all"):
@@ -273,15 +277,15 @@ def eval_captions() -> list[str]:
     """
     out: list[str] = []
     for caps in _split_by_category("eval").values():
-        k = EVAL_PER_CATEGORY
-        out += [caps[i * len(caps) // k] for i in range(k)] if len(caps) >= k else [caps[i % len(caps)] for i in range(k)]
+        k, m = EVAL_PER_CATEGORY, len(caps)
+        out += [caps[i * m // k] if m >= k else caps[i % m] for i in range(k)]
     return out
 
 
 # ---------------------------------------------------------------------------------------------- geometry
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_mask(shape: str, width: int, height: int | None = None) -> np.ndarray:
     """The pixels of `shape` drawn to fill a width x height box: bool [height, width], read-only.
 
@@ -307,7 +311,8 @@ def shape_mask(shape: str, width: int, height: int | None = None) -> np.ndarray:
     return m
 
 
-def _along_across(relation: str, dx, dy):  # noqa: ANN001 - floats or arrays alike
+def _along_across(relation: str, dx: _Num, dy: _Num) -> tuple[_Num, _Num]:
+    """(offset along the relation's axis, offset across it) for b - a = (dx, dy)."""
     if relation == "left of":
         return dx, dy
     if relation == "right of":
@@ -339,30 +344,33 @@ def sample_scene(spec: CaptionSpec, rng: np.random.Generator) -> Scene:
         items = [(spec.objects[0].shape, None)] * int(spec.count)  # type: ignore[arg-type]
     else:
         items = [(o.shape, o.color) for o in spec.objects]
-    sizes = SIZES_CROWDED if len(items) >= 3 else SIZES
-    colors = [c if c is not None else COLORS[int(k)] for (_, c), k in zip(items, rng.integers(0, len(COLORS), 4))]
-    for _ in range(1000):  # whole-scene restarts, rare: each object gets 64 vectorised candidate positions
-        ss = [sizes[int(k)] for k in rng.integers(0, len(sizes), len(items))]
+    n, sizes = len(items), SIZES_CROWDED if len(items) >= 3 else SIZES
+    for _ in range(1000):  # whole-scene restarts (rare); one random draw per attempt keeps this fast
+        r = rng.random(n * (2 + 2 * _CANDIDATES))
+        picks = r[n : 2 * n].tolist()
+        colors = [c if c is not None else COLORS[int(u * len(COLORS))] for (_, c), u in zip(items, picks, strict=True)]
+        cand = r[2 * n :].reshape(n, 2, _CANDIDATES)
         placed: list[tuple[int, int, int]] = []
-        for s in ss:
-            xy = rng.integers(BORDER, IMAGE_SIZE - BORDER - s + 1, size=(2, 64))
+        for i in range(n):
+            s = sizes[int(r[i] * len(sizes))]
+            xy = BORDER + (cand[i] * (IMAGE_SIZE - 2 * BORDER - s + 1)).astype(np.int64)  # uniform box corners
             x, y = xy[0], xy[1]
-            ok = np.ones(64, dtype=bool)
+            ok = np.ones(_CANDIDATES, dtype=bool)
             for px, py, ps in placed:  # boxes must be GAP empty pixels apart along at least one axis
                 ok &= (x >= px + ps + GAP) | (px >= x + s + GAP) | (y >= py + ps + GAP) | (py >= y + s + GAP)
             if spec.relation is not None and placed:
                 px, py, ps = placed[0]
                 along, across = _along_across(spec.relation, x + s / 2 - (px + ps / 2), y + s / 2 - (py + ps / 2))
                 ok &= (along >= REL_MIN_OFFSET) & (np.abs(across) < along)
-            hits = np.flatnonzero(ok)
-            if hits.size == 0:
+            k = int(ok.argmax())  # the first valid candidate: uniform over the valid placements
+            if not ok[k]:
                 break
-            placed.append((int(x[hits[0]]), int(y[hits[0]]), s))
-        if len(placed) == len(items):
+            placed.append((int(x[k]), int(y[k]), s))
+        if len(placed) == n:
             return Scene(
                 tuple(
                     PlacedObject(shape, color, x0 + s / 2, y0 + s / 2, s)
-                    for (shape, _), color, (x0, y0, s) in zip(items, colors, placed)
+                    for (shape, _), color, (x0, y0, s) in zip(items, colors, placed, strict=True)
                 )
             )
     raise RuntimeError(f"could not place a scene for {caption_of(spec)!r}; the geometry constants are too tight")
