@@ -46,6 +46,12 @@ class TrainConfig:
     # --- reward and credit -------------------------------------------------------------------------
     reward: Any = "shapes_partial"  # a registered reward name, or a list of {name, weight, kwargs}
     credit: str = "outcome"  # outcome (Flow-GRPO) | incremental | turning_point
+    credit_constrained: bool = True  # TP-GRPO: the paper's constrained turning-point definition
+    credit_first_step: bool = True  # TP-GRPO: the first-step rule (k = 0 may be a turning point)
+    credit_balance: str = "batch"  # none | batch | group | global: where turning points of both signs balance
+    credit_balance_key: str = "abs_G"  # abs_G | abs_r: which turning points survive balancing
+    step_reward_mode: str = "ode"  # ode (exact deterministic completions, O(T^2)) | x0 (one-step estimate, O(T))
+    completion_steps: int | None = None  # ode completions on this many sigmas (None = all remaining)
     adv_std: str = "group"  # group | batch: scope of the std in group-relative advantages
     adv_clip: float = 5.0
     # --- optimisation ------------------------------------------------------------------------------
@@ -96,6 +102,9 @@ class TrainConfig:
             "sampler": ("sde", "cps"),
             "credit": ("outcome", "incremental", "turning_point"),
             "adv_std": ("group", "batch"),
+            "credit_balance": ("none", "batch", "group", "global"),
+            "credit_balance_key": ("abs_G", "abs_r"),
+            "step_reward_mode": ("ode", "x0"),
             "dtype": ("float32", "bfloat16", "float16"),
             "mixed_precision": ("no", "bf16", "fp16"),
         }.items():

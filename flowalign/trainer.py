@@ -29,6 +29,7 @@ from flowalign import credit as credit_lib
 from flowalign.config import TrainConfig, to_yaml
 from flowalign.losses import policy_step_loss
 from flowalign.samplers.rollout import replay_step, rollout
+from flowalign.samplers.step_rewards import step_rewards
 from flowalign.types import FlowAdapter, Trajectory
 
 logger = logging.getLogger(__name__)
@@ -171,13 +172,39 @@ class GRPOTrainer:
             )
         return Rewards(total, {k: v.detach().float().cpu() for k, v in rewards.raw.items()})
 
-    def assign_credit(self, traj: Trajectory, rewards: Rewards) -> credit_lib.CreditOutput:
+    def assign_credit(self, traj: Trajectory, rewards: Rewards) -> tuple[credit_lib.CreditOutput, dict[str, float]]:
+        """Advantages [B, n] for the n stochastic steps, plus cost metrics (model evaluations, reward calls)."""
         cfg = self.cfg
         group_ids = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
         n = int(traj.sde_mask.sum())
-        return credit_lib.assign_credit(
-            None, rewards.total, group_ids, credit=cfg.credit, n=n, std_scope=cfg.adv_std, clip=cfg.adv_clip
+        batch = len(traj.prompts)
+        cost = {"cost/model_evals": float(batch * traj.num_steps), "cost/reward_calls": float(batch)}
+        values = None
+        if cfg.credit != "outcome":
+            sr = step_rewards(
+                self.adapter,
+                traj,
+                lambda images, prompts: self.score(images, prompts, traj.columns).total,
+                rewards.total,
+                mode=cfg.step_reward_mode,
+                completion_steps=cfg.completion_steps,
+            )
+            values = sr.values
+            cost = {"cost/model_evals": cost["cost/model_evals"] + sr.model_evals, "cost/reward_calls": sr.reward_calls}
+        out = credit_lib.assign_credit(
+            values,
+            rewards.total,
+            group_ids,
+            credit=cfg.credit,
+            n=n,
+            constrained=cfg.credit_constrained,
+            first_step=cfg.credit_first_step,
+            balance=cfg.credit_balance,
+            balance_key=cfg.credit_balance_key,
+            std_scope=cfg.adv_std,
+            clip=cfg.adv_clip,
         )
+        return out, {k: float(v) for k, v in cost.items()}
 
     # ----------------------------------------------------------------------------------------- update
     @contextlib.contextmanager
@@ -251,7 +278,7 @@ class GRPOTrainer:
                     )
                     self.accelerator.backward(out.loss / (len(steps) * cfg.grad_accum))
                     for key in stats:
-                        stats[key].append(float(getattr(out, key)))
+                        stats[key].append(float(getattr(out, key).detach()))
                     ratios.append(out.ratio.float().cpu())
                 n_batches += 1
                 if n_batches % cfg.grad_accum == 0:
@@ -396,7 +423,8 @@ class GRPOTrainer:
         t1 = time.perf_counter()
         rewards = self.score(traj.images, traj.prompts, traj.columns)
         t2 = time.perf_counter()
-        credit = self.assign_credit(traj, rewards)
+        credit, cost = self.assign_credit(traj, rewards)
+        t_credit = time.perf_counter()
         metrics = self.train_on(traj, credit, step)
         t3 = time.perf_counter()
         group_ids = torch.arange(self.cfg.prompts_per_step).repeat_interleave(self.cfg.group_size)
@@ -410,7 +438,9 @@ class GRPOTrainer:
                 **credit_lib.credit_stats(credit),
                 "time/sample": t1 - t0,
                 "time/reward": t2 - t1,
-                "time/train": t3 - t2,
+                "time/credit": t_credit - t2,
+                "time/train": t3 - t_credit,
+                **cost,
             }
         )
         return metrics

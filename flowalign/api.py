@@ -1,0 +1,152 @@
+"""The Python API: resolve names (model, reward, prompts) into objects and run a training job.
+
+    from flowalign.api import train
+    summary = train("shapes", max_steps=50, output_dir="runs/demo")
+
+This is the edge where strings become objects; the trainer below it only takes built objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowalign.config import TrainConfig, load_config, load_prompts
+from flowalign.trainer import GRPOTrainer, Rewards
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(model: str, dtype: str = "float32"):
+    """A built-in zoo name, a local pipeline directory or a hub id -> (pipeline, recommended settings)."""
+    from flowalign import zoo
+    from flowalign.adapters import load_pipeline
+
+    if model in zoo.ZOO:
+        pipe = zoo.load(model, torch_dtype=_DTYPES[dtype])
+        return pipe, zoo.recommended(model)
+    return load_pipeline(model, torch_dtype=_DTYPES[dtype]), {}
+
+
+def build_adapter(cfg: TrainConfig, device: torch.device | str | None = None):
+    from flowalign.adapters import adapter_for
+
+    pipe, rec = load_model(cfg.model, cfg.dtype)
+    if device is not None:
+        pipe.to(device)
+    msl = cfg.max_sequence_length or rec.get("max_sequence_length")
+    return adapter_for(pipe, **({"max_sequence_length": msl} if msl else {}))
+
+
+def build_reward(spec: Any):
+    """`"name"`, `{"name":..., "kwargs":...}` or a list of `{name, weight, kwargs}` -> (callable, display name)."""
+    import rewards  # noqa: F401  (registers the built-in rewards)
+    from rewards.base import REWARDS
+
+    if isinstance(spec, str):
+        return REWARDS.get(spec)(), spec
+    if isinstance(spec, dict) and "weight" not in spec:
+        return REWARDS.get(spec["name"])(**spec.get("kwargs", {})), spec["name"]
+    if isinstance(spec, (list, dict)):
+        from rewards.combine import build_combined
+
+        combined = build_combined(spec if isinstance(spec, list) else [spec])
+
+        def reward(images, prompts, **columns) -> Rewards:
+            out = combined(images, prompts, **columns)
+            return Rewards(out.total, dict(out.raw))
+
+        return reward, "+".join(d["name"] for d in (spec if isinstance(spec, list) else [spec]))
+    raise ValueError(f"reward must be a registered name or a list of {{name, weight, kwargs}}, got {spec!r}")
+
+
+def shapes_evaluator(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+    from rewards.shapes import evaluate
+
+    return evaluate(images, prompts)
+
+
+def build_trainer(cfg: TrainConfig, **kwargs: Any) -> GRPOTrainer:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+    adapter = build_adapter(cfg, accelerator.device)
+    reward_fn, name = build_reward(cfg.reward)
+    evaluator = shapes_evaluator if cfg.eval_prompts.startswith("shapes:") else None
+    return GRPOTrainer(
+        cfg,
+        adapter,
+        reward_fn,
+        load_prompts(cfg.prompts),
+        load_prompts(cfg.eval_prompts),
+        evaluator=evaluator,
+        reward_name=name,
+        accelerator=accelerator,
+        **kwargs,
+    )
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """What a training job reports at the end (also written as summary.json)."""
+
+    output_dir: str
+    steps: int
+    base: dict[str, float]  # eval metrics at step 0
+    final: dict[str, float]  # eval metrics at the last step
+    grid: str | None  # path of the before/after PNG
+
+
+def write_summary_and_grid(trainer: GRPOTrainer) -> RunSummary:
+    """Base vs aligned evaluation (from the metrics log) and a before/after grid on the same seeds."""
+    from flowalign.grids import comparison_grid
+
+    out = trainer.out
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
+    evals = [r for r in records if "eval/reward_mean" in r]
+    base = {k: v for k, v in evals[0].items() if k.startswith("eval/")} if evals else {}
+    final = {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
+    grid = None
+    n = min(trainer.cfg.grid_prompts, len(trainer.eval_prompts))
+    if n and trainer.accelerator.is_main_process:
+        prompts = trainer.eval_prompts[:: max(1, len(trainer.eval_prompts) // n)][:n]
+        aligned = trainer.generate(prompts, trainer.cfg.eval_seed)
+        with trainer.reference_policy():
+            base_imgs = trainer.generate(prompts, trainer.cfg.eval_seed)
+        scores = {
+            "base": trainer.score(base_imgs, prompts).total.tolist(),
+            "aligned": trainer.score(aligned, prompts).total.tolist(),
+        }
+        grid = str(comparison_grid({"base": base_imgs, "aligned": aligned}, prompts, out / "grid.png", scores=scores))
+    summary = RunSummary(str(out), trainer.step, base, final, grid)
+    if trainer.accelerator.is_main_process:
+        (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+    return summary
+
+
+def train(config: str | None = "shapes", *, resume: str | None = None, progress: bool = True, **overrides: Any):
+    """Runs a training job from a preset/YAML plus overrides; returns its RunSummary."""
+    cfg = load_config(config, overrides)
+    trainer = build_trainer(cfg)
+    trainer.train(resume=resume, progress=progress)
+    return write_summary_and_grid(trainer)
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """Resolves a run dir, its checkpoints dir or a step dir to a step dir."""
+    path = Path(path)
+    for cand in (path, path / "checkpoints"):
+        if (cand / "latest").exists():
+            return cand / (cand / "latest").read_text().strip()
+    if (path / "trainable.safetensors").exists():
+        return path
+    raise FileNotFoundError(
+        f"no flowalign checkpoint under {path} (expected checkpoints/latest or trainable.safetensors)"
+    )

@@ -1,0 +1,182 @@
+"""`flowalign` command line: train | sample | bench | artifact. The only place that prints."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from flowalign.config import field_names
+
+
+def parse_overrides(tokens: list[str]) -> dict[str, Any]:
+    """`--key value`, `--key=value` (dashes or underscores) -> {key: "value"}; types are coerced by the config."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        if not tok.startswith("--"):
+            raise ValueError(f"unexpected argument {tok!r}; config overrides look like --key value")
+        key, eq, value = tok[2:].partition("=")
+        key = key.replace("-", "_")
+        if not eq:
+            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
+                raise ValueError(f"--{key} needs a value")
+            value = tokens[i + 1]
+            i += 1
+        if key == "reward" and value.lstrip().startswith(("[", "{")):
+            import yaml
+
+            value = yaml.safe_load(value)
+        out[key] = value
+        i += 1
+    return out
+
+
+def banner(trainer) -> str:
+    cfg = trainer.cfg
+    n_train = cfg.sde_window or cfg.num_steps - 1
+    per_step = cfg.batch_size * cfg.inner_epochs // cfg.train_batch_size
+    lines = [
+        f"flowalign train  model={cfg.model}  reward={trainer.reward_name}  credit={cfg.credit}  device={trainer.device}",
+        f"  samples/step  B = {cfg.prompts_per_step} prompts x {cfg.group_size} per group = {cfg.batch_size}"
+        f"  (x {trainer.accelerator.num_processes} processes)",
+        f"  minibatch {cfg.train_batch_size}, {per_step} minibatches/step, grad_accum {cfg.grad_accum}"
+        f" -> {max(1, per_step // cfg.grad_accum)} optimizer steps/step",
+        f"  denoising: {cfg.num_steps} steps train ({n_train} stochastic, {cfg.sampler}, a={cfg.noise_level}),"
+        f" {cfg.eval_num_steps} eval; CFG {cfg.guidance_scale}",
+        f"  {'LoRA r=' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}:"
+        f" {sum(p.numel() for p in trainer.params.values()):,} trainable parameters; lr {cfg.learning_rate}",
+        f"  {cfg.max_steps} steps -> {cfg.output_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def _table(base: dict[str, float], final: dict[str, float]) -> str:
+    keys = [k for k in base if k in final and not k.startswith("eval/time")] if base else list(final)
+    rows = [f"  {'metric':32s} {'base':>8s} {'aligned':>8s}"]
+    for k in keys:
+        rows.append(f"  {k.removeprefix('eval/'):32s} {base.get(k, float('nan')):8.3f} {final[k]:8.3f}")
+    return "\n".join(rows)
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from flowalign.api import build_trainer, write_summary_and_grid
+    from flowalign.config import load_config
+
+    cfg = load_config(args.config, parse_overrides(extra))
+    trainer = build_trainer(cfg)
+    if trainer.accelerator.is_main_process:
+        print(banner(trainer), flush=True)
+    resume = args.resume
+    if resume == "auto":
+        ckpt = Path(cfg.output_dir) / "checkpoints"
+        resume = str(ckpt) if (ckpt / "latest").exists() else None
+    trainer.train(resume=resume, progress=not args.no_progress)
+    summary = write_summary_and_grid(trainer)
+    if trainer.accelerator.is_main_process:
+        print(f"\nheld-out evaluation (step 0 vs step {summary.steps}):\n{_table(summary.base, summary.final)}")
+        print(f"\nwrote {cfg.output_dir}/metrics.jsonl, summary.json" + (f", {summary.grid}" if summary.grid else ""))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
+    import torch
+
+    from flowalign.api import checkpoint_dir
+    from flowalign.config import load_config, load_prompts
+
+    prompts = list(args.prompt or []) + (load_prompts(args.prompts) if args.prompts else [])
+    if not prompts:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
+    overrides = parse_overrides(extra)
+    if args.checkpoint:
+        ckpt = checkpoint_dir(args.checkpoint)
+        cfg = load_config(str(ckpt / "config.yaml"), {**overrides, "max_steps": 0})
+    else:
+        cfg = load_config(None, {"model": args.model, **overrides})
+    from flowalign.api import build_trainer
+    from flowalign.grids import comparison_grid
+
+    trainer = build_trainer(cfg)
+    if args.checkpoint:
+        trainer.load(ckpt)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = {}
+    for i in range(args.n):
+        images = trainer.generate(prompts, args.seed + i)
+        rows[f"seed {args.seed + i}"] = images
+        for j, img in enumerate(images):
+            arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            from PIL import Image
+
+            Image.fromarray(arr).save(out / f"{j:03d}_seed{args.seed + i}.png")
+    comparison_grid(rows, prompts, out / "grid.png")
+    print(f"wrote {len(prompts) * args.n} images and grid.png to {out}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
+    from flowalign.bench import run_bench
+
+    path = run_bench(args.config, parse_overrides(extra), seeds=args.seeds, budget_steps=args.steps, out=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_artifact(args: argparse.Namespace, extra: list[str]) -> int:
+    from rewards.artifact import main as artifact_main
+
+    return int(artifact_main(extra) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowalign", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser(
+        "train",
+        help="GRPO training from a preset or YAML",
+        description="Any config key can be overridden: --key value. Keys: " + ", ".join(field_names()),
+    )
+    t.add_argument("config", help="YAML file or built-in preset name (e.g. shapes)")
+    t.add_argument("--resume", default=None, help="checkpoint dir, or 'auto' for the output dir's latest")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s = sub.add_parser("sample", help="draw images from a base model or a checkpoint")
+    s.add_argument("--model", default="shapes", help="zoo name, local dir or hub id")
+    s.add_argument("--checkpoint", default=None, help="a run dir or checkpoint dir from `flowalign train`")
+    s.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    s.add_argument("--prompts", default=None, help="text file, one prompt per line, or shapes:eval")
+    s.add_argument("--n", type=int, default=1, help="seeds per prompt")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default="samples")
+    b = sub.add_parser("bench", help="accuracy vs reward calls and seconds for a config, several seeds")
+    b.add_argument("config", help="preset or YAML (e.g. shapes)")
+    b.add_argument("--seeds", type=int, default=3)
+    b.add_argument("--steps", type=int, default=None, help="training steps per seed (default: config max_steps)")
+    b.add_argument("--out", default=None, help="JSON path (default: <output_dir>/bench.json)")
+    a = sub.add_parser("artifact", help="artifact regularizer tools: flowalign artifact train --clean DIR ...")
+    a.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "artifact":
+        extra = args.rest
+    handler = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench, "artifact": cmd_artifact}[args.command]
+    try:
+        return handler(args, extra)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"flowalign {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The CLI through a subprocess, as a user runs it, on a tiny pipeline saved to disk."""
+
+import json
+import os
+import subprocess
+import sys
+
+import yaml
+
+from flowalign.testing import tiny_sd3_pipeline
+
+
+def _run(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "flowalign.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_train_then_sample(tmp_path):
+    model_dir = tmp_path / "tiny"
+    tiny_sd3_pipeline(seed=0).save_pretrained(model_dir)
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    cfg = {
+        "model": str(model_dir), "prompts": "prompts.txt", "eval_prompts": "prompts.txt", "reward": "brightness",
+        "num_steps": 3, "eval_num_steps": 3, "prompts_per_step": 2, "group_size": 2, "train_batch_size": 4,
+        "lora_rank": 2, "max_steps": 5, "max_sequence_length": 8, "guidance_scale": 1.0, "device": "cpu", "grid_prompts": 2,
+    }
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    res = _run(["train", "cfg.yaml", "--max-steps", "2", "--output-dir", "out", "--no-progress"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "B = 2 prompts x 2 per group = 4" in res.stdout
+    out = tmp_path / "out"
+    assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 2
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
+    assert (out / "checkpoints" / "latest").read_text() == "step_000002"
+    assert (out / "grid.png").exists() and json.loads((out / "summary.json").read_text())["steps"] == 2
+    res = _run(["sample", "--checkpoint", "out", "--prompt", "a red circle", "--out", "samples"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert (tmp_path / "samples" / "grid.png").exists()
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    res = _run(["train", "shapes", "--learning-rat", "1"], tmp_path)
+    assert res.returncode == 2 and "unknown config key 'learning_rat'" in res.stderr and "Traceback" not in res.stderr
+    res = _run(["train", "shapes", "--model", "no-such-org/no-such-model", "--max-steps", "1"], tmp_path)
+    assert res.returncode == 2 and "no-such-org/no-such-model" in res.stderr and "Traceback" not in res.stderr

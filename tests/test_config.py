@@ -1,0 +1,57 @@
+"""Config loading, overrides and the clear errors users see."""
+
+import pytest
+
+from flowalign.cli import parse_overrides
+from flowalign.config import TrainConfig, load_config, load_prompts, make_config, preset_names, read_yaml, to_yaml
+
+
+def test_unknown_key_names_it_and_lists_valid_keys():
+    with pytest.raises(ValueError) as err:
+        make_config({"learning_rat": 1e-3})
+    msg = str(err.value)
+    assert "'learning_rat'" in msg and "did you mean 'learning_rate'" in msg and "group_size" in msg
+
+
+def test_group_size_below_two_is_refused():
+    with pytest.raises(ValueError, match="group_size must be >= 2"):
+        make_config({"group_size": 1})
+
+
+def test_overrides_are_coerced_and_win_over_preset():
+    assert "shapes" in preset_names()
+    cfg = load_config(
+        "shapes", parse_overrides(["--max-steps", "3", "--learning_rate=1e-3", "--lora-targets", "to_q,to_k"])
+    )
+    assert cfg.max_steps == 3 and cfg.learning_rate == 1e-3 and cfg.lora_targets == ("to_q", "to_k")
+    assert cfg.model == read_yaml("shapes")["model"]
+    with pytest.raises(ValueError, match="max_steps expects int"):
+        load_config("shapes", {"max_steps": "many"})
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config("shapes", {"max_steps": 7, "max_sequence_length": "none"})
+    path = tmp_path / "c.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(str(path)) == cfg == TrainConfig(**{**cfg.__dict__})
+
+
+def test_missing_config_and_prompt_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a YAML file nor a built-in preset"):
+        load_config("no_such_preset")
+    with pytest.raises(FileNotFoundError, match="prompt file"):
+        load_prompts(str(tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="is empty"):
+        load_prompts(str(empty))
+    ok = tmp_path / "p.txt"
+    ok.write_text("a cat\n\n a dog \n")
+    assert load_prompts(str(ok)) == ["a cat", "a dog"]
+
+
+def test_override_parser_errors():
+    with pytest.raises(ValueError, match="needs a value"):
+        parse_overrides(["--max-steps"])
+    with pytest.raises(ValueError, match="unexpected argument"):
+        parse_overrides(["oops"])
