@@ -36,7 +36,7 @@ class TrainConfig:
     noise_level: float = 0.7  # SDE noise scale a (SD3 0.7, FLUX 0.9)
     sampler: str = "sde"  # sde | cps
     sde_window: int = 0  # >0: SDE (and training) only on a random window of this many early steps
-    sde_window_max_start: int | None = None  # last allowed window start; None = num_steps // 2
+    sde_window_max_start: int | None = None  # last allowed window start; None = within the first half
     # --- data --------------------------------------------------------------------------------------
     prompts: str = "shapes:train"  # "shapes:train" | "shapes:eval" | path to a text file (one per line)
     eval_prompts: str = "shapes:eval"

@@ -28,7 +28,7 @@ from torch import Tensor
 from flowalign import credit as credit_lib
 from flowalign.config import TrainConfig, to_yaml
 from flowalign.losses import policy_step_loss
-from flowalign.samplers.rollout import replay_step, rollout
+from flowalign.samplers.rollout import replay_step, rollout, sde_window
 from flowalign.samplers.step_rewards import step_rewards
 from flowalign.types import FlowAdapter, Trajectory
 
@@ -125,14 +125,13 @@ class GRPOTrainer:
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if cfg.ema_decay > 0 else None
 
     # ----------------------------------------------------------------------------------------- sampling
-    def _sde_steps(self, rng: np.random.Generator) -> list[int]:
+    def _sde_steps(self, step: int) -> list[int]:
+        """All steps but the last, or a Flow-GRPO-Fast window drawn reproducibly for this step."""
         cfg = self.cfg
         if cfg.sde_window <= 0:
             return list(range(cfg.num_steps - 1))  # never the last step: its Gaussian collapses
-        max_start = cfg.sde_window_max_start if cfg.sde_window_max_start is not None else cfg.num_steps // 2
-        max_start = min(max_start, cfg.num_steps - 1 - cfg.sde_window)
-        start = int(rng.integers(0, max_start + 1))
-        return list(range(start, start + cfg.sde_window))
+        gen = torch.Generator().manual_seed(_seed(cfg.seed, step, 4))  # same window on every process
+        return sde_window(cfg.num_steps, cfg.sde_window, generator=gen, max_start=cfg.sde_window_max_start)
 
     @torch.no_grad()
     def sample(self, step: int) -> Trajectory:
@@ -154,7 +153,7 @@ class GRPOTrainer:
                 guidance_scale=cfg.guidance_scale,
                 noise_level=cfg.noise_level,
                 sampler=cfg.sampler,
-                sde_steps=self._sde_steps(rng),
+                sde_steps=self._sde_steps(step),
                 generator=gen,
                 cond=cond,
             )

@@ -35,7 +35,9 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 def _sample(mean: Tensor, std: Tensor, prev_sample: Tensor | None, generator: torch.Generator | None) -> Tensor:
     if prev_sample is not None:
         return prev_sample.float()
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+    # Draw where the generator lives (a CPU generator may drive CUDA sampling), then move.
+    where = generator.device if generator is not None else mean.device
+    noise = torch.randn(mean.shape, generator=generator, device=where, dtype=torch.float32).to(mean.device)
     return mean + std * noise
 
 
