@@ -96,3 +96,17 @@ def test_full_finetune_with_kl_and_batch_std(tmp_path):
     assert recs[-1]["train/kl"] >= 0 and torch.isfinite(torch.tensor(recs[-1]["train/loss"]))
     changed = sum(not torch.equal(p, before[n]) for n, p in trainer.params.items())
     assert changed > len(before) // 2
+
+
+@pytest.mark.parametrize("mode", ["ode", "x0"])
+def test_turning_point_credit_moves_the_reward(tmp_path, mode):
+    trainer = _trainer(tmp_path, credit="turning_point", step_reward_mode=mode, max_steps=10)
+    base = _eval_brightness(trainer)
+    records = trainer.train(progress=False)
+    after = _eval_brightness(trainer)
+    assert after.mean() - base.mean() > base.std(), (base.tolist(), after.tolist())
+    # Cost: 8 samples x 4 rollout steps, plus completions from states 0, 1, 2 (ode: 4 + 3 + 2; x0: 3 each).
+    per_sample = 4 + (9 if mode == "ode" else 3)
+    assert records[1]["cost/model_evals"] == 8 * per_sample
+    assert records[1]["cost/reward_calls"] == 8 * 4
+    assert "train/credit/turning_points" in records[1]
