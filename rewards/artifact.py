@@ -1,0 +1,455 @@
+"""Artifact regularizer (a): a light head on frozen CLIP / DINO features, trained on curated images.
+
+The seed paper's "lightweight, adaptive" artifact model (ALGORITHMS.md section 4): the user curates a small
+set of artifact-free and artifact-containing images, the toolkit embeds them once with a frozen encoder and
+fits logistic regression (or a 1-hidden-layer MLP) on the standardised features, reporting held-out
+accuracy. The saved head then serves as the `artifact_head` reward: p(clean), higher = fewer artifacts.
+
+    flowalign artifact train --clean DIR --artifact DIR --out HEAD.safetensors [--encoder clip --model ID]
+
+The head file is safetensors: tensors `mean [D]`, `std [D]` and the layers, plus string metadata
+(`format`, `encoder`, `model`, `feature_dim`, `hidden`, `positive=clean`, the report numbers), so the reward
+can rebuild the same encoder from the file alone.
+
+Encoders are anything with `image_features(images [B,3,H,W] in [0,1]) -> [B, D]` (`FeatureEncoder`);
+`load_encoder("clip" | "dino", model)` builds the toolkit's CLIP / DINOv2 encoders from a hub id or a
+local directory, and every entry point also accepts an encoder object (tests inject a tiny one).
+The VLM yes/no artifact question (kind (b)) is `vlm_artifact` in `rewards.vlm`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from rewards.base import REWARDS, check_images
+
+logger = logging.getLogger(__name__)
+
+HEAD_FORMAT = "flowalign.artifact_head.v1"
+HEAD_FILENAME = "artifact_head.safetensors"
+DEFAULT_MODELS = {"clip": "openai/clip-vit-large-patch14", "dino": "facebook/dinov2-base"}
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+class FeatureEncoder(Protocol):
+    """A frozen image encoder: `[B,3,H,W]` in [0, 1] -> features `[B, D]`."""
+
+    def image_features(self, images: Tensor) -> Tensor: ...
+
+
+def load_encoder(
+    kind: str, model: str | None = None, *, device: torch.device | str | None = None, dtype: Any = None
+) -> FeatureEncoder:
+    """The toolkit's CLIP (`rewards.clip`) or DINOv2 (`rewards.dino`) encoder from a hub id or local directory."""
+    model = model or DEFAULT_MODELS.get(kind)
+    if kind == "clip":
+        from rewards.clip import ClipEncoder
+
+        return ClipEncoder(model, device=device, dtype=dtype)
+    if kind == "dino":
+        from rewards.dino import DinoEncoder
+
+        return DinoEncoder(model, device=device, dtype=dtype)
+    raise ValueError(
+        f"unknown encoder {kind!r}; valid: {', '.join(sorted(DEFAULT_MODELS))} (or pass an encoder object)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the head
+# ---------------------------------------------------------------------------------------------------------
+
+
+class ArtifactHead(nn.Module):
+    """Standardise features, then logistic regression (`hidden=0`) or Linear-GELU-Linear: `[B, D] -> [B]` logit
+    of "clean"."""
+
+    def __init__(self, feature_dim: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.feature_dim, self.hidden = int(feature_dim), int(hidden)
+        self.register_buffer("mean", torch.zeros(feature_dim))
+        self.register_buffer("std", torch.ones(feature_dim))
+        if hidden > 0:
+            self.net = nn.Sequential(nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        else:
+            self.net = nn.Sequential(nn.Linear(feature_dim, 1))
+
+    def forward(self, features: Tensor) -> Tensor:
+        x = (features.float() - self.mean) / self.std
+        return self.net(x).squeeze(-1)
+
+
+def save_head(head: ArtifactHead, path: str | Path, metadata: dict[str, Any]) -> Path:
+    """Writes the head's tensors and string metadata to a safetensors file (parent dirs created)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "format": HEAD_FORMAT,
+        "feature_dim": str(head.feature_dim),
+        "hidden": str(head.hidden),
+        "positive": "clean",
+    }
+    meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
+    state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def load_head(path: str | Path) -> tuple[ArtifactHead, dict[str, str]]:
+    """Reads a head written by `save_head` / `train_artifact_head` (safetensors only): `(head, metadata)`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"artifact head {str(path)!r} not found; train one with `flowalign artifact train`")
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("format") != HEAD_FORMAT:
+        raise ValueError(f"{str(path)!r} is not a flowalign artifact head (format {meta.get('format')!r})")
+    head = ArtifactHead(int(meta["feature_dim"]), int(meta["hidden"]))
+    head.load_state_dict(load_file(str(path)))
+    return head.eval(), meta
+
+
+# ---------------------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------------------
+
+
+def list_images(directory: str | Path, flag: str) -> list[Path]:
+    """Image files under `directory` (recursive, sorted, hidden files skipped); clear errors when there are none."""
+    d = Path(directory).expanduser()
+    if not d.exists():
+        raise FileNotFoundError(f"{flag} directory {str(d)!r} does not exist")
+    if not d.is_dir():
+        raise NotADirectoryError(f"{flag} {str(d)!r} is not a directory")
+    files = sorted(
+        p
+        for p in d.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(d).parts)
+    )
+    if not files:
+        raise ValueError(f"{flag} directory {str(d)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def read_image(path: Path) -> Tensor:
+    """An image file -> `[3,H,W]` float in [0, 1] (RGB); a clear error naming the file when unreadable."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            arr = np.asarray(img.convert("RGB")).copy()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
+
+
+@torch.no_grad()
+def encode_images(
+    encoder: FeatureEncoder, images: Sequence[Tensor], *, batch_size: int = 32, device: Any = None
+) -> Tensor:
+    """Features of `[3,H,W]` images, batched among images of equal size: `[N, D]` fp32 on CPU."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        by_shape.setdefault(tuple(img.shape), []).append(i)
+    out: list[Tensor | None] = [None] * len(images)
+    for idx in by_shape.values():
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s : s + batch_size]
+            batch = torch.stack([images[i] for i in chunk])
+            feats = encoder.image_features(batch if device is None else batch.to(device)).float().cpu()
+            if feats.ndim != 2 or feats.shape[0] != len(chunk):
+                raise ValueError(f"encoder returned features of shape {tuple(feats.shape)} for {len(chunk)} images")
+            for i, f in zip(chunk, feats, strict=True):
+                out[i] = f
+    return torch.stack(out)  # type: ignore[arg-type]
+
+
+def split_indices(n: int, val_fraction: float, generator: torch.Generator) -> tuple[list[int], list[int]]:
+    """Random (train, val) split of `range(n)` keeping >= 1 of each when `val_fraction > 0`."""
+    perm = torch.randperm(n, generator=generator).tolist()
+    n_val = 0 if val_fraction <= 0 else min(n - 1, max(1, round(n * val_fraction)))
+    return perm[n_val:], perm[:n_val]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArtifactReport:
+    """What `train_artifact_head` measured. Accuracies in [0, 1]; `None` without a held-out split."""
+
+    n_clean: int
+    n_artifact: int
+    n_train: int
+    n_val: int
+    train_accuracy: float
+    val_accuracy: float | None
+    val_accuracy_clean: float | None
+    val_accuracy_artifact: float | None
+    encoder: str
+    model: str
+    feature_dim: int
+    out_path: str
+
+    def summary(self) -> str:
+        def pct(x: float | None) -> str:
+            return "n/a" if x is None else f"{100 * x:.1f}%"
+
+        return (
+            f"artifact head ({self.encoder}: {self.model}, {self.feature_dim}-d features) -> {self.out_path}\n"
+            f"  images: {self.n_clean} clean, {self.n_artifact} artifact; "
+            f"train {self.n_train}, held-out {self.n_val}\n"
+            f"  held-out accuracy {pct(self.val_accuracy)} (clean {pct(self.val_accuracy_clean)}, "
+            f"artifact {pct(self.val_accuracy_artifact)}); train accuracy {pct(self.train_accuracy)}"
+        )
+
+
+def fit_head(
+    features: Tensor,
+    labels: Tensor,
+    *,
+    hidden: int = 0,
+    epochs: int = 300,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-2,
+    seed: int = 0,
+) -> ArtifactHead:
+    """Fits the head on `features [N, D]`, `labels [N]` (1 = clean): full-batch AdamW on class-balanced BCE.
+
+    Standardisation statistics come from these (training) features only.
+    """
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG stream
+        torch.manual_seed(seed)
+        head = ArtifactHead(features.shape[1], hidden)
+    x, y = features.float(), labels.float()
+    head.mean.copy_(x.mean(0))
+    head.std.copy_(x.std(0, unbiased=False).clamp_min(1e-6))
+    n_pos, n_neg = float(y.sum()), float((1 - y).sum())
+    # class-balanced: each class contributes half of the loss, whatever the curated counts are
+    weights = torch.where(y > 0.5, 0.5 / max(n_pos, 1.0), 0.5 / max(n_neg, 1.0))
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    head.train()
+    for _ in range(epochs):
+        loss = (nn.functional.binary_cross_entropy_with_logits(head(x), y, reduction="none") * weights).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return head.eval().requires_grad_(False)
+
+
+def _accuracy(head: ArtifactHead, x: Tensor, y: Tensor) -> float | None:
+    if len(y) == 0:
+        return None
+    with torch.no_grad():
+        return float(((head(x) > 0).float() == y).float().mean())
+
+
+def train_artifact_head(
+    clean_dir: str | Path,
+    artifact_dir: str | Path,
+    out_path: str | Path,
+    *,
+    encoder: str | FeatureEncoder = "clip",
+    model: str | None = None,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    epochs: int = 300,
+    hidden: int = 0,
+    lr: float = 1e-2,
+    weight_decay: float = 1e-2,
+    batch_size: int = 32,
+    device: torch.device | str | None = None,
+    dtype: Any = None,
+) -> ArtifactReport:
+    """Trains the artifact head on two image folders and saves it; returns the held-out report.
+
+    Args:
+        clean_dir: artifact-free images (label "clean", the positive class).
+        artifact_dir: artifact-containing images.
+        out_path: where the `.safetensors` head goes.
+        encoder: `"clip"` / `"dino"` (loaded from `model`, a hub id or local dir) or an encoder object.
+        model: encoder weights; default `openai/clip-vit-large-patch14` / `facebook/dinov2-base`.
+        val_fraction: fraction of each class held out for the report (stratified); 0 disables it.
+        seed: split and initialisation seed.
+        epochs, hidden, lr, weight_decay: the head and its full-batch optimisation.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError / ValueError: missing or empty folders, unreadable images,
+        fewer than 2 images in a class (needed for a split).
+    """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    clean_files = list_images(clean_dir, "--clean")
+    artifact_files = list_images(artifact_dir, "--artifact")
+    for flag, files in (("--clean", clean_files), ("--artifact", artifact_files)):
+        if val_fraction > 0 and len(files) < 2:
+            raise ValueError(f"{flag} has {len(files)} image; a held-out split needs at least 2 per class")
+    if isinstance(encoder, str):
+        from rewards.hub import resolve_device
+
+        kind, model_id = encoder, model or DEFAULT_MODELS.get(encoder, "")
+        device = resolve_device(device)
+        enc = load_encoder(kind, model_id, device=device, dtype=dtype)
+    else:  # an encoder object: images stay on CPU unless `device` is given
+        enc = encoder
+        kind = str(getattr(encoder, "kind", type(encoder).__name__))
+        model_id = str(model or getattr(encoder, "model_id", ""))
+
+    images = [read_image(p) for p in clean_files + artifact_files]
+    feats = encode_images(enc, images, batch_size=batch_size, device=device)
+    labels = torch.cat([torch.ones(len(clean_files)), torch.zeros(len(artifact_files))])
+
+    g = torch.Generator().manual_seed(seed)
+    tr_c, va_c = split_indices(len(clean_files), val_fraction, g)
+    tr_a, va_a = split_indices(len(artifact_files), val_fraction, g)
+    off = len(clean_files)
+    train_idx = tr_c + [off + i for i in tr_a]
+    val_c, val_a = torch.tensor(va_c, dtype=torch.long), torch.tensor([off + i for i in va_a], dtype=torch.long)
+    val_idx = torch.cat([val_c, val_a])
+
+    head = fit_head(
+        feats[train_idx], labels[train_idx], hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed
+    )
+    report = ArtifactReport(
+        n_clean=len(clean_files),
+        n_artifact=len(artifact_files),
+        n_train=len(train_idx),
+        n_val=len(val_idx),
+        train_accuracy=float(_accuracy(head, feats[train_idx], labels[train_idx])),
+        val_accuracy=_accuracy(head, feats[val_idx], labels[val_idx]),
+        val_accuracy_clean=_accuracy(head, feats[val_c], labels[val_c]),
+        val_accuracy_artifact=_accuracy(head, feats[val_a], labels[val_a]),
+        encoder=kind,
+        model=model_id,
+        feature_dim=int(feats.shape[1]),
+        out_path=str(out_path),
+    )
+    meta = {k: v for k, v in asdict(report).items() if k not in ("out_path", "feature_dim")}
+    save_head(head, out_path, {k: ("" if v is None else v) for k, v in meta.items()})
+    logger.info("%s", report.summary())
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the reward
+# ---------------------------------------------------------------------------------------------------------
+
+
+@REWARDS.register("artifact_head")
+def artifact_head(
+    head: str = HEAD_FILENAME,
+    *,
+    encoder: FeatureEncoder | None = None,
+    model: str | None = None,
+    device: torch.device | str | None = None,
+    dtype: Any = None,
+    **_: Any,
+):
+    """p(clean) from a trained artifact head on its frozen encoder's features (higher = fewer artifacts).
+
+    Args:
+        head: the `.safetensors` file from `flowalign artifact train`, a directory holding
+            `artifact_head.safetensors`, or a hub repo with that file.
+        encoder: an encoder object to use instead of the one named in the head's metadata.
+        model: a local copy of the metadata's encoder weights (when the hub id is unreachable).
+
+    Returns:
+        reward `(images [B,3,H,W] in [0,1], prompts) -> [B]` fp32 in (0, 1); differentiable w.r.t. the pixels
+        when the encoder is.
+    """
+    from rewards.hub import resolve_device, resolve_file
+
+    path = resolve_file(head, HEAD_FILENAME, what="artifact_head", kwarg="head")
+    net, meta = load_head(path)
+    dev = resolve_device(device)
+    if encoder is None:
+        encoder = load_encoder(meta.get("encoder", ""), model or meta.get("model") or None, device=dev, dtype=dtype)
+    net = net.to(dev)
+
+    def reward(images: Tensor, prompts: Sequence[str], **columns: Any) -> Tensor:
+        check_images(images.detach() if isinstance(images, Tensor) else images, "artifact_head")
+        feats = encoder.image_features(images.to(dev))
+        if feats.shape[-1] != net.feature_dim:
+            raise ValueError(
+                f"artifact_head: encoder gives {feats.shape[-1]}-d features but the head {str(path)!r} was trained on "
+                f"{net.feature_dim}-d ({meta.get('encoder')}: {meta.get('model')})"
+            )
+        return torch.sigmoid(net(feats.float()))
+
+    reward.head, reward.metadata = net, meta  # type: ignore[attr-defined]
+    return reward
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flowalign artifact train",
+        description="Train the artifact head on frozen CLIP/DINO features of clean vs artifact images.",
+    )
+    p.add_argument("--clean", required=True, help="folder of artifact-free images")
+    p.add_argument("--artifact", required=True, help="folder of images with artifacts")
+    p.add_argument("--out", required=True, help="output head, e.g. HEAD.safetensors")
+    p.add_argument("--encoder", choices=sorted(DEFAULT_MODELS), default="clip", help="frozen feature encoder")
+    p.add_argument("--model", default=None, help=f"encoder hub id or local dir (default: {DEFAULT_MODELS})")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held-out fraction per class")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=300)
+    p.add_argument("--hidden", type=int, default=0, help="MLP hidden width; 0 = logistic regression")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`flowalign artifact train ...`: trains, saves and prints the report. Returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        report = train_artifact_head(
+            args.clean,
+            args.artifact,
+            args.out,
+            encoder=args.encoder,
+            model=args.model,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            epochs=args.epochs,
+            hidden=args.hidden,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
+    except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+        print(f"flowalign artifact train: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(asdict(report), indent=2) if args.json else report.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
