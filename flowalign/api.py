@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from flowalign.config import TrainConfig, load_config, load_prompts
+from flowalign.config import TrainConfig, load_config, load_prompt_set, load_prompts
 from flowalign.trainer import GRPOTrainer, Rewards
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def build_adapter(cfg: TrainConfig, device: torch.device | str | None = None):
     return adapter_for(pipe, **({"max_sequence_length": msl} if msl else {}))
 
 
-def build_reward(spec: Any):
+def build_reward(spec: Any, *, normalize: str = "sum", log_tame: bool = False):
     """`"name"`, `{"name":..., "kwargs":...}` or a list of `{name, weight, kwargs}` -> (callable, display name)."""
     import rewards  # noqa: F401  (registers the built-in rewards)
     from rewards.base import REWARDS
@@ -57,7 +57,7 @@ def build_reward(spec: Any):
     if isinstance(spec, (list, dict)):
         from rewards.combine import build_combined
 
-        combined = build_combined(spec if isinstance(spec, list) else [spec])
+        combined = build_combined(spec if isinstance(spec, list) else [spec], normalize=normalize, log_tame=log_tame)
 
         def reward(images, prompts, **columns) -> Rewards:
             out = combined(images, prompts, **columns)
@@ -78,14 +78,16 @@ def build_trainer(cfg: TrainConfig, **kwargs: Any) -> GRPOTrainer:
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
     adapter = build_adapter(cfg, accelerator.device)
-    reward_fn, name = build_reward(cfg.reward)
+    reward_fn, name = build_reward(cfg.reward, normalize=cfg.reward_normalize, log_tame=cfg.reward_log_tame)
     evaluator = shapes_evaluator if cfg.eval_prompts.startswith("shapes:") else None
+    train_prompts, columns = load_prompt_set(cfg.prompts)
     return GRPOTrainer(
         cfg,
         adapter,
         reward_fn,
-        load_prompts(cfg.prompts),
+        train_prompts,
         load_prompts(cfg.eval_prompts),
+        prompt_columns=columns,
         evaluator=evaluator,
         reward_name=name,
         accelerator=accelerator,

@@ -41,7 +41,8 @@ def banner(trainer) -> str:
     n_train = cfg.sde_window or cfg.num_steps - 1
     per_step = cfg.batch_size * cfg.inner_epochs // cfg.train_batch_size
     lines = [
-        f"flowalign train  model={cfg.model}  reward={trainer.reward_name}  credit={cfg.credit}  device={trainer.device}",
+        f"flowalign train  model={cfg.model}  reward={trainer.reward_name}  credit={cfg.credit}"
+        f"  device={trainer.device}",
         f"  samples/step  B = {cfg.prompts_per_step} prompts x {cfg.group_size} per group = {cfg.batch_size}"
         f"  (x {trainer.accelerator.num_processes} processes)",
         f"  minibatch {cfg.train_batch_size}, {per_step} minibatches/step, grad_accum {cfg.grad_accum}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -44,7 +45,9 @@ class TrainConfig:
     prompts_per_step: int = 4  # P distinct prompts per step
     group_size: int = 8  # G samples per prompt (>= 2: advantages are relative within a group)
     # --- reward and credit -------------------------------------------------------------------------
-    reward: Any = "shapes_partial"  # a registered reward name, or a list of {name, weight, kwargs}
+    reward: Any = "shapes_partial"  # a registered reward name, or a list of {name, weight, kwargs, key, gate}
+    reward_normalize: str = "sum"  # several rewards: sum | sum_then_normalize | normalize_then_sum
+    reward_log_tame: bool = False  # PaCo-RL log-taming of high-variance rewards before combining
     credit: str = "outcome"  # outcome (Flow-GRPO) | incremental | turning_point
     credit_constrained: bool = True  # TP-GRPO: the paper's constrained turning-point definition
     credit_first_step: bool = True  # TP-GRPO: the first-step rule (k = 0 may be a turning point)
@@ -105,6 +108,7 @@ class TrainConfig:
             "credit_balance": ("none", "batch", "group", "global"),
             "credit_balance_key": ("abs_G", "abs_r"),
             "step_reward_mode": ("ode", "x0"),
+            "reward_normalize": ("sum", "sum_then_normalize", "normalize_then_sum"),
             "dtype": ("float32", "bfloat16", "float16"),
             "mixed_precision": ("no", "bf16", "fp16"),
         }.items():
@@ -193,21 +197,42 @@ def to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def load_prompts(source: str) -> list[str]:
-    """Resolves a prompt source: "shapes:train" / "shapes:eval" (the built-in world) or a text file."""
+def load_prompt_set(source: str) -> tuple[list[str], dict[str, list]]:
+    """Resolves a prompt source into prompts and per-prompt columns (forwarded to rewards as keywords).
+
+    "shapes:train" / "shapes:eval": the built-in world; `*.txt`: one prompt per line; `*.jsonl`: one object per
+    line with a "prompt" and any extra fields (e.g. "reference_images" for DINO similarity).
+    """
     if source.startswith("shapes:"):
         from flowalign import world
 
         split = source.split(":", 1)[1]
         if split not in ("train", "eval"):
             raise ValueError(f"unknown built-in prompt set {source!r}; use shapes:train or shapes:eval")
-        return world.train_captions() if split == "train" else world.eval_captions()
+        return (world.train_captions() if split == "train" else world.eval_captions()), {}
     path = Path(source)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {source!r} not found; pass a text file with one prompt per line")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not prompts:
+        raise FileNotFoundError(
+            f"prompt file {source!r} not found; pass a text file with one prompt per line (or a .jsonl file)"
+        )
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
         raise ValueError(f"prompt file {source!r} is empty; it needs one prompt per line")
-    return prompts
+    if path.suffix != ".jsonl":
+        return lines, {}
+    rows = []
+    for i, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}:{i}: not valid JSON ({err.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+            raise ValueError(f'{source}:{i}: each line needs an object with a "prompt" string')
+        rows.append(row)
+    keys = sorted({k for row in rows for k in row} - {"prompt"})
+    return [r["prompt"] for r in rows], {k: [r.get(k) for r in rows] for k in keys}
 
 
+def load_prompts(source: str) -> list[str]:
+    """Only the prompts of `load_prompt_set(source)`."""
+    return load_prompt_set(source)[0]

@@ -64,6 +64,7 @@ class GRPOTrainer:
         adapter: built from a stock pipeline (`flowalign.adapters.adapter_for`).
         reward_fn: `(images [B,3,H,W], prompts, **columns) -> Tensor[B] | Rewards`.
         train_prompts / eval_prompts: resolved prompt lists.
+        prompt_columns: per-train-prompt extras (e.g. reference images), forwarded to the reward.
         evaluator: optional `(images, prompts) -> {metric: value}` for richer eval reports (e.g. the
             shapes checker's per-category accuracy).
         reward_name: named in errors.
@@ -80,6 +81,7 @@ class GRPOTrainer:
         evaluator: Evaluator | None = None,
         reward_name: str = "reward",
         accelerator: Accelerator | None = None,
+        prompt_columns: dict[str, list] | None = None,
     ) -> None:
         cfg.validate()
         if not train_prompts:
@@ -87,6 +89,12 @@ class GRPOTrainer:
         self.cfg, self.adapter, self.reward_fn = cfg, adapter, reward_fn
         self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)[: cfg.num_eval_prompts]
         self.evaluator, self.reward_name = evaluator, reward_name
+        self.prompt_columns = dict(prompt_columns or {})
+        for key, values in self.prompt_columns.items():
+            if len(values) != len(self.train_prompts):
+                raise ValueError(
+                    f"prompt column {key!r} has {len(values)} values for {len(self.train_prompts)} prompts"
+                )
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
         self.device = self.accelerator.device
         self.out = Path(cfg.output_dir)
@@ -156,6 +164,10 @@ class GRPOTrainer:
                 sde_steps=self._sde_steps(step),
                 generator=gen,
                 cond=cond,
+                columns={
+                    "group_ids": [i // cfg.group_size for i in range(cfg.batch_size)],
+                    **{k: [v[i] for i in idx for _ in range(cfg.group_size)] for k, v in self.prompt_columns.items()},
+                },
             )
 
     def score(self, images: Tensor, prompts: Sequence[str], columns: dict | None = None) -> Rewards:
@@ -189,7 +201,10 @@ class GRPOTrainer:
                 completion_steps=cfg.completion_steps,
             )
             values = sr.values
-            cost = {"cost/model_evals": cost["cost/model_evals"] + sr.model_evals, "cost/reward_calls": sr.reward_calls}
+            cost = {
+                "cost/model_evals": cost["cost/model_evals"] + sr.model_evals,
+                "cost/reward_calls": sr.reward_calls,
+            }
         out = credit_lib.assign_credit(
             values,
             rewards.total,
