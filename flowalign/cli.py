@@ -124,7 +124,16 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     from flowalign.bench import run_bench
 
-    path = run_bench(args.config, parse_overrides(extra), seeds=args.seeds, budget_steps=args.steps, out=args.out)
+    path = run_bench(
+        args.config,
+        parse_overrides(extra),
+        seeds=args.seeds,
+        budget_steps=args.steps,
+        budget_reward_calls=args.reward_calls,
+        budget_seconds=args.seconds,
+        out=args.out,
+        progress=not args.no_progress,
+    )
     print(f"wrote {path}")
     return 0
 
@@ -158,7 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("config", help="preset or YAML (e.g. shapes)")
     b.add_argument("--seeds", type=int, default=3)
     b.add_argument("--steps", type=int, default=None, help="training steps per seed (default: config max_steps)")
-    b.add_argument("--out", default=None, help="JSON path (default: <output_dir>/bench.json)")
+    b.add_argument("--reward-calls", type=float, default=None, help="budget: reward calls per seed")
+    b.add_argument("--seconds", type=float, default=None, help="budget: training seconds per seed")
+    b.add_argument("--out", default=None, help="JSON path (default: <output_dir>_bench/bench.json)")
+    b.add_argument("--no-progress", action="store_true")
     a = sub.add_parser("artifact", help="artifact regularizer tools: flowalign artifact train --clean DIR ...")
     a.add_argument("rest", nargs=argparse.REMAINDER)
     return parser

@@ -459,8 +459,14 @@ class GRPOTrainer:
         )
         return metrics
 
-    def train(self, resume: str | Path | None = None, progress: bool = True) -> list[dict[str, float]]:
-        """Runs to `max_steps`; returns the metric records written this call."""
+    def train(
+        self,
+        resume: str | Path | None = None,
+        progress: bool = True,
+        stop: Callable[[dict[str, float]], bool] | None = None,
+    ) -> list[dict[str, float]]:
+        """Runs to `max_steps` (or until `stop(record)` says so, for budgeted benchmarks); returns the records
+        written this call. The last step is always evaluated and checkpointed."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -487,12 +493,15 @@ class GRPOTrainer:
         for step in bar:
             metrics = self.train_step(step)
             self.step = step + 1
-            if cfg.eval_every and self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+            last = self.step == cfg.max_steps or (stop is not None and stop({"step": self.step, **metrics}))
+            if cfg.eval_every and self.step % cfg.eval_every == 0 or last:
                 metrics.update(self.evaluate())
             rec = {"step": self.step, **metrics}
             self._log(rec)
             records.append(rec)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}")
-            if cfg.save_every and self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+            if cfg.save_every and self.step % cfg.save_every == 0 or last:
                 self.save()
+            if last:
+                break
         return records

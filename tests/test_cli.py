@@ -16,7 +16,7 @@ def _run(args, cwd):
                           text=True, timeout=600)
 
 
-def test_cli_train_then_sample(tmp_path):
+def _tiny_setup(tmp_path):
     model_dir = tmp_path / "tiny"
     tiny_sd3_pipeline(seed=0).save_pretrained(model_dir)
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
@@ -26,6 +26,10 @@ def test_cli_train_then_sample(tmp_path):
         "lora_rank": 2, "max_steps": 5, "max_sequence_length": 8, "guidance_scale": 1.0, "device": "cpu", "grid_prompts": 2,
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+
+
+def test_cli_train_then_sample(tmp_path):
+    _tiny_setup(tmp_path)
     res = _run(["train", "cfg.yaml", "--max-steps", "2", "--output-dir", "out", "--no-progress"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert "B = 2 prompts x 2 per group = 4" in res.stdout
@@ -44,3 +48,18 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.returncode == 2 and "unknown config key 'learning_rat'" in res.stderr and "Traceback" not in res.stderr
     res = _run(["train", "shapes", "--model", "no-such-org/no-such-model", "--max-steps", "1"], tmp_path)
     assert res.returncode == 2 and "no-such-org/no-such-model" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_cli_bench_stops_at_the_reward_call_budget(tmp_path):
+    _tiny_setup(tmp_path)
+    res = _run(["bench", "cfg.yaml", "--seeds", "2", "--reward-calls", "10", "--output-dir", "b", "--eval-every", "1",
+                "--no-progress"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    report = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert [r["seed"] for r in report["runs"]] == [0, 1]
+    for run in report["runs"]:
+        # 4 reward calls per step (outcome credit): the budget of 10 is spent after the 3rd step.
+        assert [p["reward_calls"] for p in run["curve"]] == [0, 4, 8, 12]
+        assert [p["step"] for p in run["curve"]] == [0, 1, 2, 3]
+        assert all("reward_mean" in p and p["seconds"] >= 0 for p in run["curve"])
+    assert report["final"]["reward_calls"]["mean"] == 12

@@ -1,0 +1,94 @@
+"""`flowalign bench`: held-out accuracy vs reward calls and vs seconds for a config, over several seeds.
+
+The harness the credit-assignment comparison uses: every seed trains the same config until a budget (steps,
+reward calls or training seconds) is spent, evaluating every `eval_every` steps; the JSON holds each seed's curve
+and the mean/std of the final evaluation. Seconds exclude evaluation time (it is not part of training).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from flowalign.config import load_config
+
+
+def _curve(metrics_path: Path) -> list[dict[str, float]]:
+    """Evaluation points with cumulative reward calls, model evaluations and training seconds."""
+    calls = evals = seconds = 0.0
+    curve = []
+    for line in metrics_path.read_text().splitlines():
+        rec = json.loads(line)
+        calls += rec.get("cost/reward_calls", 0.0)
+        evals += rec.get("cost/model_evals", 0.0)
+        seconds += sum(v for k, v in rec.items() if k.startswith("time/") and k != "time/eval")
+        if any(k.startswith("eval/") for k in rec):
+            point = {"step": rec["step"], "reward_calls": calls, "model_evals": evals, "seconds": seconds}
+            point.update({k.removeprefix("eval/"): v for k, v in rec.items() if k.startswith("eval/")})
+            curve.append(point)
+    return curve
+
+
+def run_bench(
+    config: str,
+    overrides: dict[str, Any] | None = None,
+    *,
+    seeds: int = 3,
+    budget_steps: int | None = None,
+    budget_reward_calls: float | None = None,
+    budget_seconds: float | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> Path:
+    """Trains `config` (+ overrides) for each seed 0..seeds-1 within the budget and writes the JSON report."""
+    from flowalign.api import build_trainer
+
+    overrides = dict(overrides or {})
+    base = load_config(config, overrides)
+    root = Path(overrides.get("output_dir", base.output_dir + "_bench"))
+    runs = []
+    for seed in range(seeds):
+        over = {**overrides, "seed": seed, "output_dir": str(root / f"seed{seed}"), "grid_prompts": 0}
+        if budget_steps:
+            over["max_steps"] = budget_steps
+        elif budget_reward_calls or budget_seconds:
+            over["max_steps"] = 10**9  # the budget stops the run
+        cfg = load_config(config, over)
+        trainer = build_trainer(cfg)
+        spent = {"calls": 0.0, "seconds": 0.0}
+
+        def stop(rec: dict[str, float], spent=spent) -> bool:
+            spent["calls"] += rec.get("cost/reward_calls", 0.0)
+            spent["seconds"] += sum(v for k, v in rec.items() if k.startswith("time/") and k != "time/eval")
+            return bool(
+                (budget_reward_calls and spent["calls"] >= budget_reward_calls)
+                or (budget_seconds and spent["seconds"] >= budget_seconds)
+            )
+
+        trainer.train(progress=progress, stop=stop)
+        runs.append({"seed": seed, "curve": _curve(Path(cfg.output_dir) / "metrics.jsonl")})
+    finals = [r["curve"][-1] for r in runs]
+    keys = [k for k in finals[0] if isinstance(finals[0][k], (int, float))]
+    summary = {
+        k: {
+            "mean": statistics.fmean(f[k] for f in finals),
+            "std": statistics.pstdev(f[k] for f in finals) if len(finals) > 1 else 0.0,
+        }
+        for k in keys
+    }
+    initial = {k: statistics.fmean(r["curve"][0][k] for r in runs) for k in keys if k in runs[0]["curve"][0]}
+    report = {
+        "config": config,
+        "overrides": overrides,
+        "budget": {"steps": budget_steps, "reward_calls": budget_reward_calls, "seconds": budget_seconds},
+        "seeds": seeds,
+        "initial_mean": initial,
+        "final": summary,
+        "runs": runs,
+    }
+    path = Path(out) if out else root / "bench.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2))
+    return path
