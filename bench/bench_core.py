@@ -55,9 +55,18 @@ def bench_adapter(name: str, adapter, *, batch: int, steps: int, guidance: float
     t_roll = _time(roll, repeats, device)
     cfg = make_config(
         dict(
-            model=name, prompts="x", eval_prompts="x", num_steps=steps, guidance_scale=guidance,
-            prompts_per_step=max(1, batch // 4), group_size=min(4, batch), train_batch_size=min(4, batch),
-            lora_rank=16, max_steps=1, output_dir=tempfile.mkdtemp(), device=str(device.type),
+            model=name,
+            prompts="x",
+            eval_prompts="x",
+            num_steps=steps,
+            guidance_scale=guidance,
+            prompts_per_step=max(1, batch // 4),
+            group_size=min(4, batch),
+            train_batch_size=min(4, batch),
+            lora_rank=16,
+            max_steps=1,
+            output_dir=tempfile.mkdtemp(),
+            device=str(device.type),
         )
     )
     trainer = GRPOTrainer(cfg, adapter, lambda im, p, **_: im.mean(dim=(1, 2, 3)), prompts, [])
@@ -82,9 +91,19 @@ def sd35m_adapter(device: torch.device):
 
     pipe = tiny_sd3_pipeline()
     pipe.transformer = SD3Transformer2DModel(
-        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-        pos_embed_max_size=384, qk_norm="rms_norm", dual_attention_layers=tuple(range(13)),
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        pos_embed_max_size=384,
+        qk_norm="rms_norm",
+        dual_attention_layers=tuple(range(13)),
     ).to(device, torch.bfloat16)
     pipe.vae.config.latent_channels = 16
     adapter = adapter_for(pipe, height=512, width=512)
@@ -115,17 +134,31 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     results = [
-        bench_adapter("tiny-sd3", adapter_for(tiny_sd3_pipeline(), max_sequence_length=8), batch=16, steps=10,
-                      guidance=4.5, repeats=args.repeats, device=cpu)
+        bench_adapter(
+            "tiny-sd3",
+            adapter_for(tiny_sd3_pipeline(), max_sequence_length=8),
+            batch=16,
+            steps=10,
+            guidance=4.5,
+            repeats=args.repeats,
+            device=cpu,
+        )
     ]
     try:
         from flowalign import zoo
 
         pipe = zoo.load("shapes")
-        rec = zoo.recommended("shapes")
+        rec = zoo.sampling_settings("shapes")
         results.append(
-            bench_adapter("shapes", adapter_for(pipe, max_sequence_length=rec["max_sequence_length"]), batch=32,
-                          steps=10, guidance=rec.get("guidance_scale", 4.5), repeats=args.repeats, device=cpu)
+            bench_adapter(
+                "shapes",
+                adapter_for(pipe, max_sequence_length=rec["max_sequence_length"]),
+                batch=32,
+                steps=10,
+                guidance=rec.get("guidance_scale", 4.5),
+                repeats=args.repeats,
+                device=cpu,
+            )
         )
     except (FileNotFoundError, ImportError, AttributeError, KeyError) as err:
         results.append({"model": "shapes", "skipped": str(err)})
@@ -133,12 +166,22 @@ def main(argv: list[str] | None = None) -> int:
         if torch.cuda.is_available():
             dev = torch.device("cuda")
             torch.cuda.reset_peak_memory_stats(dev)
-            results.append(bench_adapter("sd3.5-medium-shape-random", sd35m_adapter(dev), batch=8, steps=10,
-                                         guidance=4.5, repeats=args.repeats, device=dev))
+            results.append(
+                bench_adapter(
+                    "sd3.5-medium-shape-random",
+                    sd35m_adapter(dev),
+                    batch=8,
+                    steps=10,
+                    guidance=4.5,
+                    repeats=args.repeats,
+                    device=dev,
+                )
+            )
         else:
             results.append({"model": "sd3.5-medium-shape-random", "skipped": "no CUDA device"})
-    json.dump({"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, sys.stdout,
-              indent=2)
+    json.dump(
+        {"torch": torch.__version__, "threads": torch.get_num_threads(), "results": results}, sys.stdout, indent=2
+    )
     print()
     return 0
 

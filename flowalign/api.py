@@ -31,7 +31,7 @@ def load_model(model: str, dtype: str = "float32"):
 
     if model in zoo.ZOO:
         pipe = zoo.load(model, torch_dtype=_DTYPES[dtype])
-        return pipe, zoo.recommended(model)
+        return pipe, zoo.sampling_settings(model)
     return load_pipeline(model, torch_dtype=_DTYPES[dtype]), {}
 
 

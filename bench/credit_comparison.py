@@ -1,0 +1,92 @@
+"""Outcome vs incremental vs turning-point credit on the built-in shapes task, at equal reward-call budget.
+
+    python bench/credit_comparison.py --seeds 3 --reward-calls 2400 --out runs/credit
+    python bench/credit_comparison.py --plot-only --out runs/credit     # redraw from the JSON
+
+Writes <out>/credit_comparison.json (every run's curve, from `flowalign bench`) and credit_comparison.png:
+held-out strict accuracy vs reward calls and vs training seconds, mean ± std over seeds. Extra arguments are
+config overrides applied to every arm (e.g. --num-eval-prompts 48).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from flowalign.bench import run_bench
+from flowalign.cli import parse_overrides
+
+ARMS = {
+    "outcome": {"credit": "outcome"},
+    "incremental": {"credit": "incremental", "step_reward_mode": "ode"},
+    "turning_point": {"credit": "turning_point", "step_reward_mode": "ode"},
+}
+
+
+def plot(report: dict, path: Path, metric: str = "strict") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for name, arm in report["arms"].items():
+        curves = [r["curve"] for r in arm["runs"]]
+        for ax, x_key in zip(axes, ("reward_calls", "seconds"), strict=True):
+            # Interpolate each seed onto a common grid so mean and spread are well defined.
+            xmax = min(c[-1][x_key] for c in curves)
+            grid = np.linspace(0, xmax, 50)
+            ys = np.stack([np.interp(grid, [p[x_key] for p in c], [p[metric] for p in c]) for c in curves])
+            ax.plot(grid, ys.mean(0), label=name)
+            ax.fill_between(grid, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
+    axes[0].set_xlabel("reward calls")
+    axes[1].set_xlabel("training seconds (2 CPU cores)")
+    for ax in axes:
+        ax.set_ylabel(f"held-out {metric} accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"credit assignment on the shapes task ({report['seeds']} seeds, mean ± std)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="shapes")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--reward-calls", type=float, default=2400)
+    parser.add_argument("--arms", default=",".join(ARMS))
+    parser.add_argument("--out", default="runs/credit")
+    parser.add_argument("--plot-only", action="store_true")
+    args, extra = parser.parse_known_args(argv)
+    out = Path(args.out)
+    path = out / "credit_comparison.json"
+    if not args.plot_only:
+        report = {"config": args.config, "seeds": args.seeds, "budget_reward_calls": args.reward_calls, "arms": {}}
+        for name in args.arms.split(","):
+            over = {**parse_overrides(extra), **ARMS[name], "output_dir": str(out / name)}
+            bench = run_bench(
+                args.config, over, seeds=args.seeds, budget_reward_calls=args.reward_calls, progress=False
+            )
+            report["arms"][name] = json.loads(bench.read_text())
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2))  # partial results survive an interrupted run
+    report = json.loads(path.read_text())
+    plot(report, out / "credit_comparison.png")
+    summary = {
+        name: {
+            k: arm["final"][k] for k in ("strict", "partial", "reward_calls", "seconds", "step") if k in arm["final"]
+        }
+        for name, arm in report["arms"].items()
+    }
+    json.dump(summary, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
