@@ -139,9 +139,11 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_artifact(args: argparse.Namespace, extra: list[str]) -> int:
+    if not extra or extra[0] != "train":
+        raise ValueError("usage: flowalign artifact train --clean DIR --artifact DIR --out HEAD.safetensors [...]")
     from rewards.artifact import main as artifact_main
 
-    return int(artifact_main(extra) or 0)
+    return int(artifact_main(extra[1:]) or 0)
 
 
 def build_parser() -> argparse.ArgumentParser:

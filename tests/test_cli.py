@@ -63,3 +63,10 @@ def test_cli_bench_stops_at_the_reward_call_budget(tmp_path):
         assert [p["step"] for p in run["curve"]] == [0, 1, 2, 3]
         assert all("reward_mean" in p and p["seconds"] >= 0 for p in run["curve"])
     assert report["final"]["reward_calls"]["mean"] == 12
+
+
+def test_cli_artifact_train_is_wired(tmp_path):
+    res = _run(["artifact", "train", "--clean", "nope", "--artifact", ".", "--out", "h.safetensors"], tmp_path)
+    assert res.returncode == 2 and "--clean directory" in res.stderr and "Traceback" not in res.stderr
+    res = _run(["artifact", "fit"], tmp_path)
+    assert res.returncode == 2 and "usage: flowalign artifact train" in res.stderr
