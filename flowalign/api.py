@@ -129,7 +129,10 @@ def write_summary_and_grid(trainer: GRPOTrainer) -> RunSummary:
         grid = str(comparison_grid({"base": base_imgs, "aligned": aligned}, prompts, out / "grid.png", scores=scores))
     summary = RunSummary(str(out), trainer.step, base, final, grid)
     if trainer.accelerator.is_main_process:
+        from flowalign.plots import plot_metrics
+
         (out / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
+        plot_metrics(out)
     return summary
 
 

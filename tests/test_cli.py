@@ -38,6 +38,7 @@ def test_cli_train_then_sample(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
     assert (out / "checkpoints" / "latest").read_text() == "step_000002"
     assert (out / "grid.png").exists() and json.loads((out / "summary.json").read_text())["steps"] == 2
+    assert (out / "metrics.png").stat().st_size > 1000
     res = _run(["sample", "--checkpoint", "out", "--prompt", "a red circle", "--out", "samples"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "samples" / "grid.png").exists()
