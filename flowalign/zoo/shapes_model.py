@@ -27,8 +27,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from flowalign.tokenizer import clip_tokenizer
 
 IMAGE_SIZE = 32  # pixels; the world renders 32×32 scenes
-TEXT_LEN = 20  # CLIP tokenizer padding length (BOS + caption + EOS/pad); every grammar caption fits
-MAX_SEQUENCE_LENGTH = 8  # zero "T5" tokens the pipeline appends; training and sampling must agree
+TEXT_LEN = 16  # CLIP tokenizer padding length (BOS + caption + EOS/pad); the longest grammar caption is 12
+MAX_SEQUENCE_LENGTH = 4  # zero "T5" tokens the pipeline appends; training and sampling must agree
 SCHEDULER_SHIFT = 1.0  # no resolution shift at 32×32; the training sigma density matches shift 1
 
 TEXT_HIDDEN = 64  # width of each CLIP text encoder; the two are concatenated → 128 = joint_attention_dim
@@ -41,9 +41,9 @@ TRANSFORMER_CONFIG = dict(
     out_channels=3,
     num_layers=6,
     attention_head_dim=32,
-    num_attention_heads=4,  # width 128
+    num_attention_heads=3,  # width 96
     joint_attention_dim=2 * TEXT_HIDDEN,
-    caption_projection_dim=128,  # must equal the transformer width (heads × head dim)
+    caption_projection_dim=96,  # must equal the transformer width (heads × head dim)
     pooled_projection_dim=2 * TEXT_PROJECTION,
     pos_embed_max_size=IMAGE_SIZE // 4,
     qk_norm="rms_norm",
@@ -54,7 +54,7 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",),
     up_block_types=("UpDecoderBlock2D",),
-    block_out_channels=(32,),  # one level: no down-sampling, vae_scale_factor = 1
+    block_out_channels=(16,),  # one level: no down-sampling, vae_scale_factor = 1
     layers_per_block=1,
     latent_channels=3,
     norm_num_groups=8,

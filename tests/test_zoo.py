@@ -1,0 +1,126 @@
+"""The built-in `shapes` model: its components match the tokenizer, the loader's errors name the fix, and the
+shipped weights load offline and score within the range their model card states."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from flowalign import world, zoo
+from flowalign.zoo import shapes_model as sm
+
+SHAPES_DIR = zoo.ZOO["shapes"]
+
+
+def _require_weights() -> None:
+    if not (SHAPES_DIR / "model_index.json").exists() or not (SHAPES_DIR / "flowalign.json").exists():
+        pytest.skip(f"no shipped weights in {SHAPES_DIR} yet; run `python -m flowalign.zoo.pretrain` to make them")
+
+
+def test_unknown_name_lists_valid_names() -> None:
+    with pytest.raises(ValueError, match="shapes"):
+        zoo.load("nope")
+
+
+def test_missing_weights_name_the_pretraining_command(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(zoo.ZOO, "shapes", tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="python -m flowalign.zoo.pretrain"):
+        zoo.load("shapes")
+
+
+def test_built_components_match_the_tokenizer() -> None:
+    pipe = sm.build_shapes_pipeline(seed=0)
+    tok = pipe.tokenizer
+    assert pipe.tokenizer_2 is tok and pipe.text_encoder_3 is None and pipe.tokenizer_3 is None
+    for enc in (pipe.text_encoder, pipe.text_encoder_2):
+        cfg = enc.config
+        assert cfg.vocab_size == len(tok)
+        assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
+            tok.bos_token_id,
+            tok.eos_token_id,
+            tok.pad_token_id,
+        )
+        assert cfg.max_position_embeddings == tok.model_max_length == sm.TEXT_LEN
+        assert not any(p.requires_grad for p in enc.parameters())  # frozen at random init
+    # Every caption of the grammar fits the padding length untruncated.
+    assert max(len(tok(c).input_ids) for c in world.all_captions()) <= sm.TEXT_LEN
+    t = pipe.transformer.config
+    assert t.joint_attention_dim == pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
+    assert t.pooled_projection_dim == (
+        pipe.text_encoder.config.projection_dim + pipe.text_encoder_2.config.projection_dim
+    )
+    assert pipe.vae_scale_factor == 1 and pipe.vae.config.latent_channels == t.in_channels == t.out_channels
+    # The pipeline's own prompt encoding has TEXT_LEN CLIP tokens followed by MAX_SEQUENCE_LENGTH zero tokens.
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            ["a red circle", ""],
+            None,
+            None,
+            do_classifier_free_guidance=False,
+            max_sequence_length=sm.MAX_SEQUENCE_LENGTH,
+        )
+    assert embeds.shape == (2, sm.TEXT_LEN + sm.MAX_SEQUENCE_LENGTH, t.joint_attention_dim)
+    assert pooled.shape == (2, t.pooled_projection_dim)
+    assert torch.all(embeds[:, sm.TEXT_LEN :] == 0)
+
+
+def test_build_is_deterministic_in_seed() -> None:
+    a, b = sm.build_shapes_pipeline(seed=3), sm.build_shapes_pipeline(seed=3)
+    for (name, p), q in zip(a.transformer.state_dict().items(), b.transformer.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+    assert torch.equal(
+        a.text_encoder.text_model.embeddings.token_embedding.weight,
+        b.text_encoder.text_model.embeddings.token_embedding.weight,
+    )
+
+
+def test_shipped_weights_fit_the_size_budget() -> None:
+    _require_weights()
+    size = sum(f.stat().st_size for f in SHAPES_DIR.rglob("*.safetensors"))
+    assert 0 < size <= 25 * 2**20
+    settings = zoo.sampling_settings("shapes")
+    assert settings["max_sequence_length"] == sm.MAX_SEQUENCE_LENGTH
+    assert (settings["height"], settings["width"]) == (world.IMAGE_SIZE, world.IMAGE_SIZE)
+    assert (SHAPES_DIR / "README.md").exists()
+
+
+def test_shipped_model_scores_within_its_card_range() -> None:
+    """A fast held-out evaluation through the stock pipeline lands within the card's measured accuracy.
+
+    48 held-out entries (every 5th of `world.eval_captions()`, 8 per category), seed 0. The card's overall numbers
+    come from n_card images; the difference of two independent means of Bernoulli(p) has standard error
+    sqrt(p(1-p) (1/48 + 1/n_card)). Allowing 3.5 standard errors makes a spurious failure rarer than 1 in 2000
+    while still catching a model that does not load or sample as trained (which scores ~0).
+    """
+    _require_weights()
+    from rewards.shapes import evaluate
+
+    settings = zoo.sampling_settings("shapes")
+    pipe = zoo.load("shapes")
+    captions = world.eval_captions()[::5]
+    out = pipe(
+        captions,
+        num_inference_steps=settings["num_inference_steps"],
+        guidance_scale=settings["guidance_scale"],
+        max_sequence_length=settings["max_sequence_length"],
+        height=settings["height"],
+        width=settings["width"],
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
+    images = out.images
+    assert images.shape == (len(captions), 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
+    res = evaluate(images.float(), captions)
+    # An image with nothing drawn already meets the "no extra objects" constraints (partial ~0.31 here); the model
+    # must beat it clearly, which the binomial range alone would not prove at this sample size.
+    blank = evaluate(torch.ones_like(images, dtype=torch.float32), captions)
+    assert res["partial"] >= blank["partial"] + 0.05, (res, blank)
+    card = settings["eval"]
+    n = len(captions)
+    for key in ("strict", "partial"):
+        p = min(max(card[key], 0.05), 0.95)  # keep the tolerance non-zero at the extremes
+        tol = 3.5 * math.sqrt(p * (1 - p) * (1 / n + 1 / card["n"]))
+        assert abs(res[key] - card[key]) <= tol, (key, res[key], card[key], tol, json.dumps(res))
