@@ -44,7 +44,7 @@ def plot(report: dict, path: Path, metric: str = "strict") -> None:
             ax.plot(grid, ys.mean(0), label=name)
             ax.fill_between(grid, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
     axes[0].set_xlabel("reward calls")
-    axes[1].set_xlabel("training seconds (2 CPU cores)")
+    axes[1].set_xlabel("training seconds (CPU)")
     for ax in axes:
         ax.set_ylabel(f"held-out {metric} accuracy")
         ax.grid(alpha=0.3)

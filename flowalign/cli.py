@@ -57,7 +57,7 @@ def banner(trainer) -> str:
 
 
 def _table(base: dict[str, float], final: dict[str, float]) -> str:
-    keys = [k for k in base if k in final and not k.startswith("eval/time")] if base else list(final)
+    keys = [k for k in (base or final) if k in final and not k.startswith("eval/time") and not k.endswith("n")]
     rows = [f"  {'metric':32s} {'base':>8s} {'aligned':>8s}"]
     for k in keys:
         rows.append(f"  {k.removeprefix('eval/'):32s} {base.get(k, float('nan')):8.3f} {final[k]:8.3f}")

@@ -56,6 +56,13 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(2, np.uint32).astype(np.uint64) @ [1 << 31, 1])
 
 
+def evenly_spaced(items: list, n: int) -> list:
+    """`n` items spread evenly over the list (prompt sets are often grouped by category: never take a prefix)."""
+    if n >= len(items):
+        return items
+    return [items[(i * len(items)) // n] for i in range(n)]
+
+
 class GRPOTrainer:
     """Flow-GRPO / TP-GRPO on a diffusers flow pipeline through a `FlowAdapter`.
 
@@ -87,7 +94,8 @@ class GRPOTrainer:
         if not train_prompts:
             raise ValueError("no training prompts")
         self.cfg, self.adapter, self.reward_fn = cfg, adapter, reward_fn
-        self.train_prompts, self.eval_prompts = list(train_prompts), list(eval_prompts)[: cfg.num_eval_prompts]
+        self.train_prompts = list(train_prompts)
+        self.eval_prompts = evenly_spaced(list(eval_prompts), cfg.num_eval_prompts)
         self.evaluator, self.reward_name = evaluator, reward_name
         self.prompt_columns = dict(prompt_columns or {})
         for key, values in self.prompt_columns.items():

@@ -110,3 +110,16 @@ def test_turning_point_credit_moves_the_reward(tmp_path, mode):
     assert records[1]["cost/model_evals"] == 8 * per_sample
     assert records[1]["cost/reward_calls"] == 8 * 4
     assert "train/credit/turning_points" in records[1]
+
+
+def test_eval_subset_spreads_over_the_prompt_set():
+    from flowalign import world
+    from flowalign.trainer import evenly_spaced
+
+    sub = evenly_spaced(world.eval_captions(), 24)
+    counts = {}
+    for caption in sub:
+        cat = world.parse_caption(caption).category
+        counts[cat] = counts.get(cat, 0) + 1
+    assert counts == {c: 4 for c in world.CATEGORIES}  # a prefix would hold only the first categories
+    assert evenly_spaced([1, 2, 3], 5) == [1, 2, 3]
