@@ -12,8 +12,9 @@ from flowalign.testing import tiny_sd3_pipeline
 
 def _run(args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "flowalign.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "flowalign.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _tiny_setup(tmp_path):
@@ -21,9 +22,21 @@ def _tiny_setup(tmp_path):
     tiny_sd3_pipeline(seed=0).save_pretrained(model_dir)
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
     cfg = {
-        "model": str(model_dir), "prompts": "prompts.txt", "eval_prompts": "prompts.txt", "reward": "brightness",
-        "num_steps": 3, "eval_num_steps": 3, "prompts_per_step": 2, "group_size": 2, "train_batch_size": 4,
-        "lora_rank": 2, "max_steps": 5, "max_sequence_length": 8, "guidance_scale": 1.0, "device": "cpu", "grid_prompts": 2,
+        "model": str(model_dir),
+        "prompts": "prompts.txt",
+        "eval_prompts": "prompts.txt",
+        "reward": "brightness",
+        "num_steps": 3,
+        "eval_num_steps": 3,
+        "prompts_per_step": 2,
+        "group_size": 2,
+        "train_batch_size": 4,
+        "lora_rank": 2,
+        "max_steps": 5,
+        "max_sequence_length": 8,
+        "guidance_scale": 1.0,
+        "device": "cpu",
+        "grid_prompts": 2,
     }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
 
@@ -53,8 +66,22 @@ def test_cli_errors_are_one_line(tmp_path):
 
 def test_cli_bench_stops_at_the_reward_call_budget(tmp_path):
     _tiny_setup(tmp_path)
-    res = _run(["bench", "cfg.yaml", "--seeds", "2", "--reward-calls", "10", "--output-dir", "b", "--eval-every", "1",
-                "--no-progress"], tmp_path)
+    res = _run(
+        [
+            "bench",
+            "cfg.yaml",
+            "--seeds",
+            "2",
+            "--reward-calls",
+            "10",
+            "--output-dir",
+            "b",
+            "--eval-every",
+            "1",
+            "--no-progress",
+        ],
+        tmp_path,
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert [r["seed"] for r in report["runs"]] == [0, 1]

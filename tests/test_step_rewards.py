@@ -30,9 +30,15 @@ def _counter_trajectory(sde_steps, num_steps=8, batch=2):
     taken = torch.cat([torch.zeros(1), torch.cumsum(mask.float(), 0)])  # [T+1]
     latents = (taken**2).view(1, -1, 1, 1, 1).expand(batch, -1, 1, 2, 2).clone()
     return Trajectory(
-        prompts=["p"] * batch, latents=latents, log_probs=torch.zeros(batch, num_steps),
-        sigmas=torch.linspace(1, 0, num_steps + 1), sde_mask=mask, cond=Conditioning(torch.zeros(batch, 1, 1)),
-        guidance_scale=1.0, noise_level=0.7, sampler="sde",
+        prompts=["p"] * batch,
+        latents=latents,
+        log_probs=torch.zeros(batch, num_steps),
+        sigmas=torch.linspace(1, 0, num_steps + 1),
+        sde_mask=mask,
+        cond=Conditioning(torch.zeros(batch, 1, 1)),
+        guidance_scale=1.0,
+        noise_level=0.7,
+        sampler="sde",
     )
 
 
@@ -68,18 +74,33 @@ def _reward(images, prompts):
 @pytest.mark.parametrize("window", [[0, 1, 2], [2, 3]])
 def test_r0_is_the_pure_ode_image_of_the_trajectorys_own_noise(sd3, window):
     prompts = ["a red circle", "a blue square"]
-    traj = rollout(sd3, prompts, num_steps=6, guidance_scale=1.0, noise_level=0.9, sde_steps=window,
-                   generator=torch.Generator().manual_seed(3))
+    traj = rollout(
+        sd3,
+        prompts,
+        num_steps=6,
+        guidance_scale=1.0,
+        noise_level=0.9,
+        sde_steps=window,
+        generator=torch.Generator().manual_seed(3),
+    )
     torch.manual_seed(123)  # any global random draw inside step_rewards would change R_0 between the two calls
     r0_a = step_rewards(sd3, traj, _reward, _reward(traj.images, prompts)).values[:, 0]
     torch.manual_seed(456)
     r0_b = step_rewards(sd3, traj, _reward, _reward(traj.images, prompts)).values[:, 0]
-    ode = rollout(sd3, prompts, num_steps=6, guidance_scale=1.0, noise_level=0.0, sde_steps=[],
-                  latents=traj.latents[:, 0])
+    ode = rollout(
+        sd3, prompts, num_steps=6, guidance_scale=1.0, noise_level=0.0, sde_steps=[], latents=traj.latents[:, 0]
+    )
     assert torch.equal(r0_a, r0_b)
     assert torch.allclose(r0_a, _reward(ode.images, prompts), atol=1e-6)
-    other = rollout(sd3, prompts, num_steps=6, guidance_scale=1.0, noise_level=0.0, sde_steps=[],
-                    generator=torch.Generator().manual_seed(4))
+    other = rollout(
+        sd3,
+        prompts,
+        num_steps=6,
+        guidance_scale=1.0,
+        noise_level=0.0,
+        sde_steps=[],
+        generator=torch.Generator().manual_seed(4),
+    )
     assert not torch.allclose(r0_a, _reward(other.images, prompts), atol=1e-6)
 
 
@@ -94,8 +115,9 @@ def test_r0_is_the_pure_ode_image_of_the_trajectorys_own_noise(sd3, window):
 )
 def test_cost_accounting_matches_the_formula(sd3, mode, completion_steps, expected_per_sample):
     prompts = ["a red circle"] * 3
-    traj = rollout(sd3, prompts, num_steps=6, guidance_scale=4.5, noise_level=0.7,
-                   generator=torch.Generator().manual_seed(0))
+    traj = rollout(
+        sd3, prompts, num_steps=6, guidance_scale=4.5, noise_level=0.7, generator=torch.Generator().manual_seed(0)
+    )
     counted = {"samples": 0, "calls": 0}
     real = sd3.velocity
 
@@ -106,8 +128,9 @@ def test_cost_accounting_matches_the_formula(sd3, mode, completion_steps, expect
 
     sd3.velocity = counting
     try:
-        sr = step_rewards(sd3, traj, _reward, _reward(traj.images, prompts), mode=mode,
-                          completion_steps=completion_steps)
+        sr = step_rewards(
+            sd3, traj, _reward, _reward(traj.images, prompts), mode=mode, completion_steps=completion_steps
+        )
     finally:
         del sd3.velocity
     assert counted["samples"] == sr.model_evals == 3 * expected_per_sample

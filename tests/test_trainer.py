@@ -16,10 +16,26 @@ PROMPTS = ["a red circle", "a blue square", "a green triangle", "two yellow circ
 
 def _trainer(tmp_path, reward=None, **over) -> GRPOTrainer:
     values = dict(
-        model="tiny", prompts="unused", eval_prompts="unused", num_steps=4, eval_num_steps=4, guidance_scale=1.0,
-        noise_level=0.9, prompts_per_step=2, group_size=4, train_batch_size=4, lora_rank=8, learning_rate=3e-2,
-        clip_range=1.0, max_steps=4, save_every=2, eval_every=0, num_eval_prompts=4, output_dir=str(tmp_path),
-        device="cpu", grid_prompts=0,
+        model="tiny",
+        prompts="unused",
+        eval_prompts="unused",
+        num_steps=4,
+        eval_num_steps=4,
+        guidance_scale=1.0,
+        noise_level=0.9,
+        prompts_per_step=2,
+        group_size=4,
+        train_batch_size=4,
+        lora_rank=8,
+        learning_rate=3e-2,
+        clip_range=1.0,
+        max_steps=4,
+        save_every=2,
+        eval_every=0,
+        num_eval_prompts=4,
+        output_dir=str(tmp_path),
+        device="cpu",
+        grid_prompts=0,
     )
     values.update(over)
     cfg = make_config(values)
@@ -45,8 +61,17 @@ def test_training_raises_reward_and_changes_every_trainable_parameter(tmp_path):
     assert not unchanged, unchanged
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(11))
-    for key in ("reward/mean", "reward/std", "train/loss", "train/clip_frac", "train/approx_kl", "train/ratio_mean",
-                "reward/zero_std_frac", "time/sample", "time/train"):
+    for key in (
+        "reward/mean",
+        "reward/std",
+        "train/loss",
+        "train/clip_frac",
+        "train/approx_kl",
+        "train/ratio_mean",
+        "reward/zero_std_frac",
+        "time/sample",
+        "time/train",
+    ):
         assert key in records[1], key
 
 
