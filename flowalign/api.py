@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from flowalign.config import TrainConfig, load_config, load_prompt_set, load_prompts
-from flowalign.trainer import GRPOTrainer, Rewards
+from flowalign.trainer import GRPOTrainer, Rewards, evenly_spaced
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def write_summary_and_grid(trainer: GRPOTrainer) -> RunSummary:
     grid = None
     n = min(trainer.cfg.grid_prompts, len(trainer.eval_prompts))
     if n and trainer.accelerator.is_main_process:
-        prompts = trainer.eval_prompts[:: max(1, len(trainer.eval_prompts) // n)][:n]
+        prompts = evenly_spaced(trainer.eval_prompts, n)
         aligned = trainer.generate(prompts, trainer.cfg.eval_seed)
         with trainer.reference_policy():
             base_imgs = trainer.generate(prompts, trainer.cfg.eval_seed)

@@ -107,6 +107,8 @@ class GRPOTrainer:
         self.device = self.accelerator.device
         self.out = Path(cfg.output_dir)
         self.step = 0
+        # Row b of every sampled batch belongs to prompt group b // G (see `sample`).
+        self.group_ids = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
 
         transformer = adapter.transformer
         transformer.requires_grad_(False)
@@ -173,7 +175,7 @@ class GRPOTrainer:
                 generator=gen,
                 cond=cond,
                 columns={
-                    "group_ids": [i // cfg.group_size for i in range(cfg.batch_size)],
+                    "group_ids": self.group_ids.tolist(),
                     **{k: [v[i] for i in idx for _ in range(cfg.group_size)] for k, v in self.prompt_columns.items()},
                 },
             )
@@ -194,7 +196,7 @@ class GRPOTrainer:
     def assign_credit(self, traj: Trajectory, rewards: Rewards) -> tuple[credit_lib.CreditOutput, dict[str, float]]:
         """Advantages [B, n] for the n stochastic steps, plus cost metrics (model evaluations, reward calls)."""
         cfg = self.cfg
-        group_ids = torch.arange(cfg.prompts_per_step).repeat_interleave(cfg.group_size)
+        group_ids = self.group_ids
         n = int(traj.sde_mask.sum())
         batch = len(traj.prompts)
         cost = {"cost/model_evals": float(batch * traj.num_steps), "cost/reward_calls": float(batch)}
@@ -449,7 +451,7 @@ class GRPOTrainer:
         t_credit = time.perf_counter()
         metrics = self.train_on(traj, credit, step)
         t3 = time.perf_counter()
-        group_ids = torch.arange(self.cfg.prompts_per_step).repeat_interleave(self.cfg.group_size)
+        group_ids = self.group_ids
         gathered = self.accelerator.gather(rewards.total.to(self.device)).float().cpu()
         metrics.update(
             {

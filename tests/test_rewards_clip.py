@@ -18,6 +18,7 @@ from rewards.base import REWARDS
 from rewards.clip import ClipEncoder, clip_score, clip_score_hf
 from rewards.hub import WeightsNotFoundError, load_state_dict, resolve_file
 from rewards.preprocess import ImagePreprocess, center_crop
+from tests._real_weights import assert_matching_caption_wins
 
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_OPEN_CLIP = "flowalign-test-tiny-clip"
@@ -345,25 +346,13 @@ def test_state_dicts_load_safely_or_not_at_all(tmp_path):
 
 
 # ---- real weights (slow; need the Hugging Face cache or network) -------------------------------------------
-def _solid(rgb: tuple[float, float, float], size: int = 256) -> torch.Tensor:
-    return torch.tensor(rgb).view(1, 3, 1, 1).expand(1, 3, size, size).clone()
-
-
-def _caption_test(reward) -> None:
-    """A matching caption outscores a mismatching one, for both images."""
-    red, blue = _solid((0.9, 0.1, 0.1)), _solid((0.1, 0.2, 0.9))
-    images = torch.cat([red, red, blue, blue])
-    s = reward(images, ["a plain red image", "a plain blue image", "a plain blue image", "a plain red image"])
-    assert s[0] > s[1] and s[2] > s[3], s
-
-
 @pytest.mark.slow
 def test_real_open_clip_matching_caption_wins():
     try:
         reward = clip_score("ViT-B-32", "laion2b_s34b_b79k", device="cpu")
     except WeightsNotFoundError as exc:
         pytest.skip(str(exc))
-    _caption_test(reward)
+    assert_matching_caption_wins(reward)
 
 
 @pytest.mark.slow
@@ -372,5 +361,5 @@ def test_real_hf_clip_matching_caption_wins():
         reward = clip_score_hf("openai/clip-vit-large-patch14", device="cpu")
     except WeightsNotFoundError as exc:
         pytest.skip(str(exc))
-    _caption_test(reward)
+    assert_matching_caption_wins(reward)
     assert np.isfinite(reward.encoder.logit_scale)

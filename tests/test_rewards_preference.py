@@ -18,6 +18,7 @@ from rewards.base import REWARDS
 from rewards.hub import WeightsNotFoundError
 from rewards.preference import AestheticMLP, aesthetic, hpsv2, pickscore
 from rewards.preprocess import ImagePreprocess
+from tests._real_weights import assert_matching_caption_wins
 
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -323,25 +324,13 @@ def test_missing_weights_offline_raise_one_clear_error(offline_empty_cache, tiny
 
 
 # ---- real weights (slow; need the Hugging Face cache or network) -------------------------------------------
-def _solid(rgb: tuple[float, float, float], size: int = 256) -> torch.Tensor:
-    return torch.tensor(rgb).view(1, 3, 1, 1).expand(1, 3, size, size).clone()
-
-
-def _caption_test(reward) -> None:
-    """A matching caption outscores a mismatching one, for both images."""
-    red, blue = _solid((0.9, 0.1, 0.1)), _solid((0.1, 0.2, 0.9))
-    images = torch.cat([red, red, blue, blue])
-    s = reward(images, ["a plain red image", "a plain blue image", "a plain blue image", "a plain red image"])
-    assert s[0] > s[1] and s[2] > s[3], s
-
-
 @pytest.mark.slow
 def test_real_pickscore_prefers_the_matching_caption():
     try:
         reward = pickscore("yuvalkirstain/PickScore_v1", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K", device="cpu")
     except WeightsNotFoundError as exc:
         pytest.skip(str(exc))
-    _caption_test(reward)
+    assert_matching_caption_wins(reward)
 
 
 @pytest.mark.slow
@@ -350,7 +339,7 @@ def test_real_hpsv2_prefers_the_matching_caption():
         reward = hpsv2("v2.1", device="cpu")  # xswu/HPSv2 HPS_v2.1_compressed.pt on open_clip ViT-H-14
     except WeightsNotFoundError as exc:
         pytest.skip(str(exc))
-    _caption_test(reward)
+    assert_matching_caption_wins(reward)
 
 
 @pytest.mark.slow
