@@ -215,6 +215,7 @@ def write_card(out: Path, info: dict[str, Any]) -> None:
             f"| scheduler | `FlowMatchEulerDiscreteScheduler` | — | shift {sm.SCHEDULER_SHIFT} |",
         ]
     )
+    precision = "bf16 autocast" if t.get("bf16", True) else "fp32"
     card = f"""# shapes — the built-in text-to-image model of flowalign
 
 A tiny text-to-image model in the diffusers **Stable Diffusion 3** format, pretrained from scratch by
@@ -267,7 +268,7 @@ binomial standard error √(p(1−p)/n).
   (pixels in [-1, 1], decoder inputs with up to 0.15 noise).
 - Transformer: rectified flow in SD3's convention (x_σ = (1−σ)x0 + σε, v = ε − x0, timestep 1000σ), σ from
   logit-normal(0, 1) mixed 3:7 with uniform, 10% caption dropout to the empty prompt, AdamW lr {t["lr"]} (β 0.9/0.99,
-  wd 0.01), {t["warmup_steps"]} warm-up steps then cosine to 10%, grad-clip 1, {"bf16 autocast" if t.get("bf16", True) else "fp32"}, EMA {t["ema_decay"]}
+  wd 0.01), {t["warmup_steps"]} warm-up steps then cosine to 10%, grad-clip 1, {precision}, EMA {t["ema_decay"]}
   (saved weights are the EMA).
 - Steps: {t["steps"]:,} ({t["samples"]:,} samples), {t["samples_per_s"]:.1f} samples/s.
 - Wall time: {t["wall_minutes"]:.1f} min in all (autoencoder {t["vae_minutes"]:.1f}, transformer

@@ -1,0 +1,68 @@
+"""Which denoising steps carry the policy gradient? Per-step gradient norms of the GRPO objective.
+
+    python bench/step_gradients.py --out bench/results/step_gradients.json
+
+Samples one GRPO batch from the `shapes` preset with every step but the last stochastic, scores it, and for each
+step k computes the norm of the gradient of the PPO surrogate at ratio 1, -mean_b(A_b * log p_k(b)), with respect
+to the LoRA weights. Prints JSON (one norm per step, plus each step's share of the sum). On the built-in model the
+late steps' norms dwarf the early ones, where layout, count and colour are decided; that is why the main-job
+preset trains an early SDE window only (README "Figures").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from flowalign.api import build_trainer
+from flowalign.config import load_config
+from flowalign.samplers.rollout import replay_step
+
+
+def step_gradient_norms(overrides: dict) -> dict:
+    trainer = build_trainer(load_config("shapes", {"sde_window": 0, "num_eval_prompts": 0, **overrides}))
+    traj = trainer.sample(0)
+    rewards = trainer.score(traj.images, traj.prompts, traj.columns)
+    credit, _ = trainer.assign_credit(traj, rewards)
+    steps = torch.nonzero(traj.sde_mask).flatten().tolist()
+    params = list(trainer.params.values())
+    norms = []
+    trainer.adapter.transformer.train()
+    for j, k in enumerate(steps):
+        out = replay_step(trainer.adapter, traj, k)
+        loss = -(credit.advantages[:, j] * out.log_prob).mean()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        norms.append(float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))))
+    total = sum(norms)
+    return {
+        "steps": steps,
+        "sigmas": [float(traj.sigmas[k]) for k in steps],
+        "grad_norm": norms,
+        "share": [n / total for n in norms],
+        "late_over_early": norms[-1] / norms[0],
+        "reward_mean": float(rewards.total.mean()),
+        "config": {"sampler": trainer.cfg.sampler, "noise_level": trainer.cfg.noise_level, **overrides},
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    report = {
+        name: step_gradient_norms({"sampler": sampler, "noise_level": a, "seed": args.seed})
+        for name, sampler, a in (("cps_a0.9", "cps", 0.9), ("cps_a0.7", "cps", 0.7), ("sde_a0.7", "sde", 0.7))
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
