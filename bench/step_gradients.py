@@ -3,10 +3,10 @@
     python bench/step_gradients.py --out bench/results/step_gradients.json
 
 Samples one GRPO batch from the `shapes` preset with every step but the last stochastic, scores it, and for each
-step k computes the norm of the gradient of the PPO surrogate at ratio 1, -mean_b(A_b * log p_k(b)), with respect
-to the LoRA weights. Prints JSON (one norm per step, plus each step's share of the sum). On the built-in model the
-late steps' norms dwarf the early ones, where layout, count and colour are decided; that is why the main-job
-preset trains an early SDE window only (README "Figures").
+step k computes the norm of the gradient of the trainer's own loss (`losses.policy_step_loss`, at ratio 1 as in
+the first update) with respect to the LoRA weights. Prints JSON (one norm per step, plus each step's share of the
+sum). On the built-in model the late steps' norms dwarf the early ones, where layout, count and colour are
+decided; that is why the main-job preset trains an early SDE window only (README "Figures").
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 
 from flowalign.api import build_trainer
 from flowalign.config import load_config
+from flowalign.losses import policy_step_loss
 from flowalign.samplers.rollout import replay_step
 
 
@@ -33,7 +34,8 @@ def step_gradient_norms(overrides: dict) -> dict:
     trainer.adapter.transformer.train()
     for j, k in enumerate(steps):
         out = replay_step(trainer.adapter, traj, k)
-        loss = -(credit.advantages[:, j] * out.log_prob).mean()
+        adv, clip = credit.advantages[:, j], trainer.cfg.clip_range
+        loss = policy_step_loss(out.log_prob, traj.log_probs[:, k], adv, clip).loss
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         norms.append(float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None))))
     total = sum(norms)

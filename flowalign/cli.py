@@ -57,8 +57,8 @@ def banner(trainer) -> str:
 
 
 def _table(base: dict[str, float], final: dict[str, float]) -> str:
-    skip = ("eval/time", "eval/n")  # timings and sample counts are not accuracies
-    keys = [k for k in (base or final) if k in final and not k.startswith(skip) and not k.endswith("/n")]
+    # timings and sample counts ("eval/n", "eval/<category>/n") are not accuracies
+    keys = [k for k in (base or final) if k in final and not k.startswith("eval/time") and not k.endswith("/n")]
     rows = [f"  {'metric':32s} {'base':>8s} {'aligned':>8s}"]
     for k in keys:
         rows.append(f"  {k.removeprefix('eval/'):32s} {base.get(k, float('nan')):8.3f} {final[k]:8.3f}")

@@ -196,7 +196,6 @@ class GRPOTrainer:
     def assign_credit(self, traj: Trajectory, rewards: Rewards) -> tuple[credit_lib.CreditOutput, dict[str, float]]:
         """Advantages [B, n] for the n stochastic steps, plus cost metrics (model evaluations, reward calls)."""
         cfg = self.cfg
-        group_ids = self.group_ids
         n = int(traj.sde_mask.sum())
         batch = len(traj.prompts)
         cost = {"cost/model_evals": float(batch * traj.num_steps), "cost/reward_calls": float(batch)}
@@ -218,7 +217,7 @@ class GRPOTrainer:
         out = credit_lib.assign_credit(
             values,
             rewards.total,
-            group_ids,
+            self.group_ids,
             credit=cfg.credit,
             n=n,
             constrained=cfg.credit_constrained,
@@ -451,13 +450,12 @@ class GRPOTrainer:
         t_credit = time.perf_counter()
         metrics = self.train_on(traj, credit, step)
         t3 = time.perf_counter()
-        group_ids = self.group_ids
         gathered = self.accelerator.gather(rewards.total.to(self.device)).float().cpu()
         metrics.update(
             {
                 "reward/mean": float(gathered.mean()),
                 "reward/std": float(gathered.std()) if gathered.numel() > 1 else 0.0,
-                "reward/zero_std_frac": credit_lib.zero_variance_fraction(rewards.total, group_ids),
+                "reward/zero_std_frac": credit_lib.zero_variance_fraction(rewards.total, self.group_ids),
                 **{f"reward/{k}": float(v.mean()) for k, v in rewards.raw.items() if k != "total"},
                 **credit_lib.credit_stats(credit),
                 "time/sample": t1 - t0,
