@@ -6,7 +6,8 @@ Samples one GRPO batch from the `shapes` preset with every step but the last sto
 step k computes the norm of the gradient of the trainer's own loss (`losses.policy_step_loss`, at ratio 1 as in
 the first update) with respect to the LoRA weights. Prints JSON (one norm per step, plus each step's share of the
 sum). On the built-in model the late steps' norms dwarf the early ones, where layout, count and colour are
-decided; that is why the main-job preset trains an early SDE window only (README "Figures").
+decided; that is why the trainer skips nearly collapsed steps (`min_noise_std`) and the main-job preset trains an
+early SDE window (README "Figures").
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from flowalign.samplers.rollout import replay_step
 
 
 def step_gradient_norms(overrides: dict) -> dict:
-    trainer = build_trainer(load_config("shapes", {"sde_window": 0, "num_eval_prompts": 0, **overrides}))
+    every_step = {"sde_window": 0, "min_noise_std": 0.0}  # the trainer's default would skip the collapsed step
+    trainer = build_trainer(load_config("shapes", {**every_step, "num_eval_prompts": 0, **overrides}))
     traj = trainer.sample(0)
     rewards = trainer.score(traj.images, traj.prompts, traj.columns)
     credit, _ = trainer.assign_credit(traj, rewards)

@@ -38,6 +38,8 @@ class TrainConfig:
     sampler: str = "sde"  # sde | cps
     sde_window: int = 0  # >0: SDE (and training) only on a random window of this many early steps
     sde_window_max_start: int | None = None  # last allowed window start; None = within the first half
+    min_noise_std: float = 0.02  # steps whose noise std is below this run ODE: they explore nothing yet their
+    # log-prob gradients are ~1/std and swamp the rest (the schedule's step to sigma ~0.001; README "Figures")
     # --- data --------------------------------------------------------------------------------------
     prompts: str = "shapes:train"  # "shapes:train" | "shapes:eval" | path to a text file (one per line)
     eval_prompts: str = "shapes:eval"
@@ -99,6 +101,8 @@ class TrainConfig:
                 f"train_batch_size ({self.train_batch_size}) must divide "
                 f"prompts_per_step*group_size ({self.batch_size})"
             )
+        if self.min_noise_std < 0:
+            raise ValueError(f"min_noise_std must be >= 0, got {self.min_noise_std}")
         if self.sde_window >= self.num_steps:
             raise ValueError(f"sde_window ({self.sde_window}) must be < num_steps ({self.num_steps}); 0 = all steps")
         for name, allowed in {

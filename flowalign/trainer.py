@@ -28,7 +28,7 @@ from torch import Tensor
 from flowalign import credit as credit_lib
 from flowalign.config import TrainConfig, to_yaml
 from flowalign.losses import policy_step_loss
-from flowalign.samplers.rollout import replay_step, rollout, sde_window
+from flowalign.samplers.rollout import noise_stds, replay_step, rollout, sde_window, window_starts
 from flowalign.samplers.step_rewards import step_rewards
 from flowalign.types import FlowAdapter, Trajectory
 
@@ -141,15 +141,28 @@ class GRPOTrainer:
             self.optimizer, lambda i: min(1.0, (i + 1) / warm) if warm else 1.0
         )
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if cfg.ema_decay > 0 else None
+        # Steps whose Gaussian is wide enough to explore (see `TrainConfig.min_noise_std`); the others run ODE.
+        stds = noise_stds(cfg.sampler, adapter.sigmas(cfg.num_steps), cfg.noise_level)
+        self.explores = [bool(s >= cfg.min_noise_std) for s in stds[:-1]] + [False]
+        starts = window_starts(cfg.num_steps, cfg.sde_window, cfg.sde_window_max_start) if cfg.sde_window else [0]
+        size = cfg.sde_window or cfg.num_steps
+        if not all(any(self.explores[s : s + size]) for s in starts):
+            raise ValueError(
+                f"no denoising step {'in some sde_window ' if cfg.sde_window else ''}has noise std >= "
+                f"min_noise_std={cfg.min_noise_std} (stds {[round(float(s), 4) for s in stds]} with "
+                f"sampler={cfg.sampler!r}, noise_level={cfg.noise_level}); raise noise_level, move the window "
+                "earlier or lower min_noise_std"
+            )
 
     # ----------------------------------------------------------------------------------------- sampling
     def _sde_steps(self, step: int) -> list[int]:
-        """All steps but the last, or a Flow-GRPO-Fast window drawn reproducibly for this step."""
+        """The exploring steps (all, or a Flow-GRPO-Fast window drawn reproducibly for this step)."""
         cfg = self.cfg
         if cfg.sde_window <= 0:
-            return list(range(cfg.num_steps - 1))  # never the last step: its Gaussian collapses
+            return [k for k, ok in enumerate(self.explores) if ok]
         gen = torch.Generator().manual_seed(_seed(cfg.seed, step, 4))  # same window on every process
-        return sde_window(cfg.num_steps, cfg.sde_window, generator=gen, max_start=cfg.sde_window_max_start)
+        window = sde_window(cfg.num_steps, cfg.sde_window, generator=gen, max_start=cfg.sde_window_max_start)
+        return [k for k in window if self.explores[k]]
 
     @torch.no_grad()
     def sample(self, step: int) -> Trajectory:

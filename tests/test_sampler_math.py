@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from flowalign.samplers.rollout import sample_step, sde_mask, sde_window
+from flowalign.samplers.rollout import noise_stds, sample_step, sde_mask, sde_window
 from flowalign.samplers.sde import cps_step, ode_step, sde_step
 
 
@@ -189,3 +189,20 @@ def test_sde_window_variants():
     for bad in (dict(size=10), dict(size=0), dict(size=2, start=8), dict(size=2, max_start=8)):
         with pytest.raises(ValueError):
             sde_window(10, **bad)
+
+
+@pytest.mark.parametrize("sampler", ["sde", "cps"])
+def test_noise_stds_match_the_reference_formulas_on_a_diffusers_schedule(sampler):
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    sigmas = scheduler.sigmas.float()
+    got = noise_stds(sampler, sigmas, 0.8)
+    x = torch.zeros(10, 1)
+    if sampler == "sde":
+        want = _sde_reference(x, x, sigmas[:-1], sigmas[1:], 0.8, float(sigmas[1]))[1]
+    else:
+        want = sigmas[1:].double() * math.sin(0.8 * math.pi / 2)
+    torch.testing.assert_close(got.double(), want.reshape(-1), rtol=1e-5, atol=1e-7)
+    # The schedule ends sigma ~0.009 -> 0: that cps step is nearly collapsed, the default threshold drops it.
+    if sampler == "cps":
+        assert got[-2] < 0.02 < got[-3]

@@ -148,3 +148,17 @@ def test_eval_subset_spreads_over_the_prompt_set():
         counts[cat] = counts.get(cat, 0) + 1
     assert counts == {c: 4 for c in world.CATEGORIES}  # a prefix would hold only the first categories
     assert evenly_spaced([1, 2, 3], 5) == [1, 2, 3]
+
+
+def test_nearly_collapsed_steps_are_not_trained_and_no_exploring_step_is_an_error(tmp_path):
+    # The tiny model's 4-step schedule is 1, 0.86, 0.60, 0.009, 0: with cps the step to 0.009 has std ~0.009.
+    trainer = _trainer(tmp_path, sampler="cps", max_steps=1)
+    assert trainer._sde_steps(0) == [0, 1]
+    traj = trainer.sample(0)
+    assert traj.sde_mask.tolist() == [True, True, False, False]
+    assert _trainer(tmp_path, sampler="cps", min_noise_std=0.0)._sde_steps(0) == [0, 1, 2]
+    assert _trainer(tmp_path, sampler="cps", sde_window=2, sde_window_max_start=0)._sde_steps(0) == [0, 1]
+    with pytest.raises(ValueError, match="raise noise_level"):
+        _trainer(tmp_path, sampler="cps", noise_level=0.0)
+    with pytest.raises(ValueError, match="in some sde_window"):
+        _trainer(tmp_path, sampler="cps", sde_window=1, sde_window_max_start=2)

@@ -27,7 +27,7 @@ from torch import Tensor
 from flowalign.samplers.sde import STEPS, ode_step
 from flowalign.types import Conditioning, FlowAdapter, StepOutput, Trajectory
 
-__all__ = ["replay_step", "rollout", "sample_step", "sde_mask", "sde_window"]
+__all__ = ["noise_stds", "replay_step", "rollout", "sample_step", "sde_mask", "sde_window", "window_starts"]
 
 Generator = torch.Generator | list[torch.Generator]
 
@@ -51,6 +51,18 @@ def sde_mask(num_steps: int, sde_steps: Sequence[int] | None = None) -> Tensor:
     return mask
 
 
+def window_starts(num_steps: int, size: int, max_start: int | None = None) -> range:
+    """The first steps a Flow-GRPO-Fast window of `size` may start at: 0..max_start (see `sde_window`)."""
+    if not 1 <= size <= num_steps - 1:
+        raise ValueError(f"window size must be in 1..{num_steps - 1} for num_steps={num_steps}, got {size}")
+    limit = num_steps - 1 - size  # the window must end before the last step
+    if max_start is None:
+        max_start = min(limit, max(0, num_steps // 2 - size))
+    if not 0 <= max_start <= limit:
+        raise ValueError(f"max_start must be in 0..{limit} for num_steps={num_steps}, size={size}, got {max_start}")
+    return range(max_start + 1)
+
+
 def sde_window(
     num_steps: int,
     size: int,
@@ -69,20 +81,28 @@ def sde_window(
         max_start: largest random start. Default: windows lie in the first half of the schedule as in
             Flow-GRPO-Fast (`max(0, T // 2 - size)`), never past step T-2.
     """
-    if not 1 <= size <= num_steps - 1:
-        raise ValueError(f"window size must be in 1..{num_steps - 1} for num_steps={num_steps}, got {size}")
-    limit = num_steps - 1 - size  # the window must end before the last step
+    starts = window_starts(num_steps, size, max_start)
     if start is None:
-        if max_start is None:
-            max_start = min(limit, max(0, num_steps // 2 - size))
-        if not 0 <= max_start <= limit:
-            raise ValueError(
-                f"max_start must be in 0..{limit} for num_steps={num_steps}, size={size}, got {max_start}"
-            )
-        start = int(torch.randint(0, max_start + 1, (1,), generator=generator).item())
-    elif not 0 <= start <= limit:
-        raise ValueError(f"window start must be in 0..{limit} for num_steps={num_steps}, size={size}, got {start}")
+        start = int(torch.randint(0, len(starts), (1,), generator=generator).item())
+    elif not 0 <= start <= num_steps - 1 - size:
+        raise ValueError(
+            f"window start must be in 0..{num_steps - 1 - size} for num_steps={num_steps}, size={size}, got {start}"
+        )
     return list(range(start, start + size))
+
+
+def noise_stds(sampler: str, sigmas: Tensor, noise_level: float) -> Tensor:
+    """[T] std of each step's Gaussian under `sampler` on the schedule `sigmas` [T+1].
+
+    Evaluated with the registered step function itself (the std depends on the schedule only), so this cannot
+    drift from what sampling does. Why it matters: a step's log-prob gradient scales like 1/std, so a nearly
+    collapsed step (diffusers schedules end with sigma ~0.001 before 0) dominates training while its noise
+    explores nothing.
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float32).cpu()
+    zero = torch.zeros(len(sigmas) - 1, 1)
+    out = STEPS.get(sampler)(zero, zero, sigmas[:-1], sigmas[1:], noise_level, sigma_max=sigmas[1], prev_sample=zero)
+    return torch.as_tensor(out.std, dtype=torch.float32).expand(len(sigmas) - 1, 1).reshape(-1).clone()
 
 
 def sample_step(
