@@ -38,6 +38,8 @@ class TrainConfig:
     sampler: str = "sde"  # sde | cps
     sde_window: int = 0  # >0: SDE (and training) only on a random window of this many early steps
     sde_window_max_start: int | None = None  # last allowed window start; None = within the first half
+    group_shared_noise: bool = False  # a group's G samples start from one initial noise, so the group baseline
+    # absorbs the reward variance the initial noise causes, which no step's log-prob can explain
     min_noise_std: float = 0.02  # steps whose noise std is below this run ODE: they explore nothing yet their
     # log-prob gradients are ~1/std and swamp the rest (the schedule's step to sigma ~0.001; README "Figures")
     # --- data --------------------------------------------------------------------------------------

@@ -175,6 +175,9 @@ class GRPOTrainer:
         prompts = [self.train_prompts[i] for i in idx]
         cond = self.adapter.encode(prompts, cfg.guidance_scale).repeat(cfg.group_size)
         gen = torch.Generator(device="cpu").manual_seed(_seed(cfg.seed, step, rank, 2))
+        latents = None
+        if cfg.group_shared_noise:
+            latents = self.adapter.init_noise(cfg.prompts_per_step, gen).repeat_interleave(cfg.group_size, dim=0)
         self.adapter.transformer.eval()
         with self.accelerator.autocast():
             return rollout(
@@ -186,6 +189,7 @@ class GRPOTrainer:
                 sampler=cfg.sampler,
                 sde_steps=self._sde_steps(step),
                 generator=gen,
+                latents=latents,
                 cond=cond,
                 columns={
                     "group_ids": self.group_ids.tolist(),

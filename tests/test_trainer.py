@@ -162,3 +162,15 @@ def test_nearly_collapsed_steps_are_not_trained_and_no_exploring_step_is_an_erro
         _trainer(tmp_path, sampler="cps", noise_level=0.0)
     with pytest.raises(ValueError, match="in some sde_window"):
         _trainer(tmp_path, sampler="cps", sde_window=1, sde_window_max_start=2)
+
+
+def test_group_shared_noise_gives_each_group_one_initial_noise(tmp_path):
+    shared = _trainer(tmp_path, group_shared_noise=True).sample(0)
+    x_t, x_1 = shared.latents[:, 0], shared.latents[:, 1]
+    for g in range(2):  # prompts_per_step=2, group_size=4
+        rows = slice(4 * g, 4 * g + 4)
+        assert torch.equal(x_t[rows], x_t[4 * g].expand_as(x_t[rows]))
+        assert not torch.equal(x_1[4 * g], x_1[4 * g + 1])  # the SDE noise still differs within a group
+    assert not torch.equal(x_t[0], x_t[4])
+    plain = _trainer(tmp_path).sample(0).latents[:, 0]
+    assert not torch.equal(plain[0], plain[1])
