@@ -4,7 +4,7 @@
 
 At the base model's LoRA (zero update), draws `--batches` independent GRPO batches of the `shapes` preset (new
 prompts and noise each), computes each batch's gradient of the trainer's loss (`losses.policy_step_loss` at ratio 1,
-averaged over the trained steps as `GRPOTrainer.train_on` averages it) with respect to the LoRA weights, and reports
+summed over the trained steps, via `step_gradients.policy_step_grads`) with respect to the LoRA weights, and reports
 the mean pairwise cosine. Two independent estimates g1 = s + n1, g2 = s + n2 of a true gradient s have E[cos] ~
 |s|^2 / (|s|^2 + |n|^2): near 0 means one batch is mostly noise, and since |n|^2 shrinks like 1/batch, a batch about
 1/cos times larger would make signal and noise equal (reported from the mean's upper bound). Settings compared: the
@@ -17,34 +17,22 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+from step_gradients import policy_step_grads, write_report  # bench/ is on sys.path when run as a script
 
 from flowalign.api import build_trainer
 from flowalign.config import load_config
-from flowalign.losses import policy_step_loss
-from flowalign.samplers.rollout import replay_step
 
 
 def batch_gradient(trainer, step: int) -> torch.Tensor:
-    """Flattened gradient of one GRPO batch's loss, the mean over its trained steps."""
-    traj = trainer.sample(step)
-    rewards = trainer.score(traj.images, traj.prompts, traj.columns)
-    credit, _ = trainer.assign_credit(traj, rewards)
-    steps = torch.nonzero(traj.sde_mask).flatten().tolist()
-    params = list(trainer.params.values())
-    total = [torch.zeros_like(p) for p in params]
-    trainer.adapter.transformer.train()
-    for j, k in enumerate(steps):
-        out = replay_step(trainer.adapter, traj, k)
-        loss = policy_step_loss(out.log_prob, traj.log_probs[:, k], credit.advantages[:, j], trainer.cfg.clip_range)
-        grads = torch.autograd.grad(loss.loss / len(steps), params, allow_unused=True)
-        total = [t + (g if g is not None else 0) for t, g in zip(total, grads, strict=True)]
-    return torch.cat([t.flatten().float() for t in total])
+    """Flattened gradient of one GRPO batch's loss, summed over its trained steps (`train_on` averages them: a
+    uniform scale, which no cosine sees)."""
+    *_, grads = policy_step_grads(trainer, step)
+    return torch.cat([sum(per_param).flatten() for per_param in zip(*grads, strict=True)])
 
 
 def agreement(overrides: dict, batches: int, prompt: str | None = None, fixed_noise: bool = False) -> dict:
@@ -93,11 +81,7 @@ def main() -> None:
             {**one, "sde_window": 0}, args.batches, prompt="three circles", fixed_noise=True
         ),
     }
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
