@@ -10,7 +10,8 @@ the mean pairwise cosine. Two independent estimates g1 = s + n1, g2 = s + n2 of 
 1/cos times larger would make signal and noise equal (reported from the mean's upper bound). Settings compared: the
 preset (many prompts, early window), every exploring step, one initial noise per group (`group_shared_noise`), one
 fixed prompt (where a probe did learn; README "Figures"), and one prompt from one fixed initial noise (only the SDE
-noise varies: the cleanest case REINFORCE can face here).
+noise varies: the cleanest case REINFORCE can face here). A calibration row trains the preset on a smooth reward
+(mean brightness) instead of the checker: it shows the measurement does find signal where there is some.
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def main() -> None:
         "one_prompt_one_initial_noise_every_step": agreement(
             {**one, "sde_window": 0}, args.batches, prompt="three circles", fixed_noise=True
         ),
+        "calibration_brightness_reward": agreement({**seed, "reward": "brightness"}, args.batches),
     }
     write_report(report, args.out)
 
