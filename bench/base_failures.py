@@ -1,0 +1,62 @@
+"""What does the base model get wrong? Per-constraint failure counts of the checker on the held-out captions.
+
+    python bench/base_failures.py --out bench/results/base_failures.json
+
+Draws one image per held-out caption (`world.eval_captions()`, 240) with the main job's evaluation settings (the
+trainer's deterministic `generate`, at the base model since nothing is trained) and counts, per category, how often
+each constraint of `rewards.shapes` fails, how many objects were found against how many the caption states, and
+how many detections have no recognisable shape ("unknown"). The answer says where alignment has to act: local
+shape structure, not colour or layout (README "Status").
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections import Counter
+from pathlib import Path
+
+from step_gradients import write_report  # bench/ is on sys.path when run as a script
+
+from flowalign import world
+from flowalign.api import build_trainer
+from flowalign.config import load_config
+from rewards import shapes
+
+
+def failures(seed: int) -> dict:
+    trainer = build_trainer(load_config("shapes", {"num_eval_prompts": 0, "seed": seed}))
+    captions = world.eval_captions()
+    images = shapes._images_uint8(trainer.generate(captions, seed=seed))
+    failed, total, surplus = Counter(), Counter(), Counter()
+    found_all, unknown = 0, 0
+    for caption, image in zip(captions, images, strict=True):
+        spec = world.parse_caption(caption)
+        found = shapes.detect(image)
+        stated = spec.count if spec.category == "counting" else len(spec.objects)
+        surplus[f"{spec.category}/found_minus_stated={len(found) - stated:+d}"] += 1
+        found_all += len(found)
+        unknown += sum(d.shape == "unknown" for d in found)
+        for name, held in shapes.score(spec, image).constraints.items():
+            key = f"{spec.category}/{name}"
+            total[key] += 1
+            failed[key] += not held
+    return {
+        "seed": seed,
+        "captions": len(captions),
+        "constraint_failed_of_total": {k: [failed[k], total[k]] for k in sorted(total)},
+        "images_by_found_minus_stated": dict(sorted(surplus.items())),
+        "detections": found_all,
+        "unknown_shape_detections": unknown,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    write_report(failures(args.seed), args.out)
+
+
+if __name__ == "__main__":
+    main()
