@@ -144,6 +144,28 @@ def train(config: str | None = "shapes", *, resume: str | None = None, progress:
     return write_summary_and_grid(trainer)
 
 
+def evaluate(config: str | None = None, *, checkpoint: str | Path | None = None, **overrides: Any) -> dict[str, float]:
+    """Evaluation metrics of a base model (`config`, default the `shapes` preset) or of a trained checkpoint (its
+    run's config), exactly as training evaluates: deterministic samples, `eval_seed`, EMA weights.
+
+    Overrides pick the prompt set, e.g. `evaluate(checkpoint="runs/shapes", eval_prompts="shapes:train")` asks whether
+    a run improved the captions it trained on; `shapes:` sets also get the checker's accuracies per category.
+    """
+    if checkpoint is not None and config is not None:
+        raise ValueError("give a config (evaluates its base model) or a checkpoint (uses its run's config), not both")
+    if checkpoint is not None:
+        ckpt = checkpoint_dir(checkpoint)
+        cfg = load_config(str(ckpt / "config.yaml"), overrides)
+    else:
+        cfg = load_config(config or "shapes", overrides)
+    if cfg.num_eval_prompts < 1:
+        raise ValueError(f"num_eval_prompts must be >= 1 to evaluate, got {cfg.num_eval_prompts}")
+    trainer = build_trainer(cfg)
+    if checkpoint is not None:
+        trainer.load(ckpt)
+    return trainer.evaluate()
+
+
 def checkpoint_dir(path: str | Path) -> Path:
     """Resolves a run dir, its checkpoints dir or a step dir to a step dir."""
     path = Path(path)

@@ -1,4 +1,4 @@
-"""`flowalign` command line: train | sample | bench | artifact. The only place that prints."""
+"""`flowalign` command line: train | sample | eval | bench | artifact. The only place that prints."""
 
 from __future__ import annotations
 
@@ -122,6 +122,23 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    import json
+
+    from flowalign.api import evaluate
+
+    metrics = evaluate(args.config, checkpoint=args.checkpoint, **parse_overrides(extra))
+    keys = [k for k in metrics if not k.startswith("time/") and not k.endswith("/n")]
+    what = args.checkpoint or args.config or "shapes"
+    print(f"evaluation of {what} ({int(metrics.get('eval/n', 0)) or 'all'} samples):")
+    print("\n".join(f"  {k.removeprefix('eval/'):32s} {metrics[k]:8.3f}" for k in keys))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     from flowalign.bench import run_bench
 
@@ -166,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n", type=int, default=1, help="seeds per prompt")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default="samples")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a base model or a checkpoint on a prompt set (per-category accuracy on shapes: sets)",
+        description="Any config key can be overridden: --key value, e.g. --eval-prompts shapes:train "
+        "--num-eval-prompts 240 --eval-seed 7.",
+    )
+    # an option, not a positional: an optional positional would swallow the value of an override like --eval-prompts
+    e.add_argument("--config", default=None, help="preset or YAML of a base model (default: shapes)")
+    e.add_argument("--checkpoint", default=None, help="a run dir or checkpoint dir from `flowalign train`")
+    e.add_argument("--out", default=None, help="also write the metrics as JSON here")
     b = sub.add_parser("bench", help="accuracy vs reward calls and seconds for a config, several seeds")
     b.add_argument("config", help="preset or YAML (e.g. shapes)")
     b.add_argument("--seeds", type=int, default=3)
@@ -198,7 +225,14 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if args.command == "artifact":
         extra = args.rest
-    handler = {"train": cmd_train, "sample": cmd_sample, "bench": cmd_bench, "artifact": cmd_artifact}[args.command]
+    handlers = {
+        "train": cmd_train,
+        "sample": cmd_sample,
+        "eval": cmd_eval,
+        "bench": cmd_bench,
+        "artifact": cmd_artifact,
+    }
+    handler = handlers[args.command]
     try:
         return handler(args, extra)
     except (ValueError, FileNotFoundError) as err:

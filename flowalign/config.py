@@ -43,9 +43,9 @@ class TrainConfig:
     min_noise_std: float = 0.02  # steps whose noise std is below this run ODE: they explore nothing yet their
     # log-prob gradients are ~1/std and swamp the rest (the schedule's step to sigma ~0.001; README "Figures")
     # --- data --------------------------------------------------------------------------------------
-    prompts: str = "shapes:train"  # "shapes:train" | "shapes:eval" | path to a text file (one per line)
+    prompts: str = "shapes:train"  # "shapes:train" | "shapes:eval" | "shapes:train_eval" | a .txt/.jsonl file
     eval_prompts: str = "shapes:eval"
-    num_eval_prompts: int = 64  # fixed evaluation prompts (the first N)
+    num_eval_prompts: int = 64  # fixed evaluation prompts (N spread evenly over the list)
     prompts_per_step: int = 4  # P distinct prompts per step
     group_size: int = 8  # G samples per prompt (>= 2: advantages are relative within a group)
     # --- reward and credit -------------------------------------------------------------------------
@@ -206,16 +206,20 @@ def to_yaml(cfg: TrainConfig) -> str:
 def load_prompt_set(source: str) -> tuple[list[str], dict[str, list]]:
     """Resolves a prompt source into prompts and per-prompt columns (forwarded to rewards as keywords).
 
-    "shapes:train" / "shapes:eval": the built-in world; `*.txt`: one prompt per line; `*.jsonl`: one object per
-    line with a "prompt" and any extra fields (e.g. "reference_images" for DINO similarity).
+    "shapes:train" / "shapes:eval": the built-in world's splits; "shapes:train_eval": 40 training captions per
+    category (the model card's balanced list, to check a run on what it trained on); `*.txt`: one prompt per line;
+    `*.jsonl`: one object per line with a "prompt" and any extra fields (e.g. "reference_images" for DINO similarity).
     """
     if source.startswith("shapes:"):
         from flowalign import world
 
+        sets = {"train": world.train_captions, "eval": world.eval_captions, "train_eval": world.train_eval_captions}
         split = source.split(":", 1)[1]
-        if split not in ("train", "eval"):
-            raise ValueError(f"unknown built-in prompt set {source!r}; use shapes:train or shapes:eval")
-        return (world.train_captions() if split == "train" else world.eval_captions()), {}
+        if split not in sets:
+            raise ValueError(
+                f"unknown built-in prompt set {source!r}; use one of {', '.join('shapes:' + k for k in sets)}"
+            )
+        return sets[split](), {}
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(

@@ -282,6 +282,18 @@ def eval_captions() -> list[str]:
     return out
 
 
+def train_eval_captions(seed: int = 0, per_category: int = EVAL_PER_CATEGORY) -> list[str]:
+    """`per_category` training captions of each category (a seeded shuffle, repeated cyclically where a category is
+    smaller), in category order: the balanced list on which the model card, and the prompt set `shapes:train_eval`,
+    score training captions with every category weighted as in `eval_captions()`."""
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    for caps in _split_by_category("train").values():
+        caps = [caps[i] for i in rng.permutation(len(caps))]
+        out += [caps[i % len(caps)] for i in range(per_category)]
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- geometry
 
 

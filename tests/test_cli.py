@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from flowalign.testing import tiny_sd3_pipeline
@@ -55,6 +56,32 @@ def test_cli_train_then_sample(tmp_path):
     res = _run(["sample", "--checkpoint", "out", "--prompt", "a red circle", "--out", "samples"], tmp_path)
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "samples" / "grid.png").exists()
+
+
+def test_cli_eval_reproduces_the_runs_own_base_and_final_evaluations(tmp_path):
+    # An independent process must rebuild the model, load the checkpoint's EMA weights and reuse the eval seed:
+    # only then does it score exactly what training logged at step 0 (base) and at the end (aligned).
+    _tiny_setup(tmp_path)
+    res = _run(["train", "cfg.yaml", "--max-steps", "3", "--output-dir", "out", "--no-progress"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    res = _run(["eval", "--checkpoint", "out", "--out", "final.json"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "reward_mean" in res.stdout
+    final = json.loads((tmp_path / "final.json").read_text())
+    assert final["eval/reward_mean"] == pytest.approx(summary["final"]["eval/reward_mean"], abs=1e-6)
+    res = _run(["eval", "--config", "cfg.yaml", "--out", "base.json"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    base = json.loads((tmp_path / "base.json").read_text())
+    assert base["eval/reward_mean"] == pytest.approx(summary["base"]["eval/reward_mean"], abs=1e-6)
+    assert base["eval/reward_mean"] != pytest.approx(final["eval/reward_mean"], abs=1e-6)  # training moved it
+    # Another prompt set by override: one prompt, so a different mean than over both.
+    (tmp_path / "one.txt").write_text("a blue square\n")
+    res = _run(["eval", "--checkpoint", "out", "--eval-prompts", "one.txt", "--out", "one.json"], tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "one.json").read_text())["eval/reward_mean"] != final["eval/reward_mean"]
+    res = _run(["eval", "--config", "cfg.yaml", "--checkpoint", "out"], tmp_path)
+    assert res.returncode == 2 and "not both" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_cli_errors_are_one_line(tmp_path):

@@ -139,6 +139,30 @@ def test_eval_is_balanced_over_all_categories_and_deterministic() -> None:
     assert set(w.HELD_OUT_PAIRS) <= used
 
 
+def test_train_eval_list_is_balanced_training_captions_and_follows_its_seed() -> None:
+    caps = w.train_eval_captions(0)
+    train = set(w.train_captions())
+    assert all(c in train for c in caps)
+    cats = [w.parse_caption(c).category for c in caps]
+    assert Counter(cats) == {c: w.EVAL_PER_CATEGORY for c in w.CATEGORIES}
+    assert cats == sorted(cats, key=w.CATEGORIES.index)  # category order, like eval_captions()
+    for cat in w.CATEGORIES:  # a category's distinct captions all appear before any repeats
+        got = [c for c in caps if w.parse_caption(c).category == cat]
+        n_train = sum(w.parse_caption(c).category == cat for c in train)
+        assert len(set(got)) == min(n_train, w.EVAL_PER_CATEGORY)
+    assert w.train_eval_captions(0) == caps and w.train_eval_captions(1) != caps
+    assert len(w.train_eval_captions(0, per_category=16)) == 16 * len(w.CATEGORIES)
+
+
+def test_built_in_prompt_sets_resolve_and_unknown_ones_list_the_valid_names() -> None:
+    from flowalign.config import load_prompts
+
+    assert load_prompts("shapes:train_eval") == w.train_eval_captions()
+    assert load_prompts("shapes:eval") == w.eval_captions()
+    with pytest.raises(ValueError, match="shapes:train, shapes:eval, shapes:train_eval"):
+        load_prompts("shapes:nope")
+
+
 def test_held_out_pairs_never_occur_in_two_object_training_captions() -> None:
     held = set(w.HELD_OUT_PAIRS)
     for spec in _specs(w.train_captions()):

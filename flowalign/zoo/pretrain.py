@@ -284,21 +284,10 @@ binomial standard error √(p(1−p)/n).
     (out / "README.md").write_text(card, encoding="utf-8")
 
 
-def train_eval_captions(seed: int, per_category: int = 40) -> list[str]:
-    """`per_category` train captions of each category (a seeded shuffle, repeated where a category is smaller)."""
-    rng = np.random.default_rng(seed)
-    out: list[str] = []
-    for cat in world.CATEGORIES:
-        caps = [c for c in world.train_captions() if world.parse_caption(c).category == cat]
-        caps = [caps[i] for i in rng.permutation(len(caps))]
-        out += [caps[i % len(caps)] for i in range(per_category)]
-    return out
-
-
 def final_evaluation(pipe: Any, seeds: list[int], steps: int, guidance: float, per_cat_train: int = 40) -> tuple:
     """(held-out result over `seeds`, train-caption result with the first seed)."""
     ev = evaluate_model(pipe, world.eval_captions(), seeds, steps, guidance)
-    tr = evaluate_model(pipe, train_eval_captions(seeds[0], per_cat_train), seeds[:1], steps, guidance)
+    tr = evaluate_model(pipe, world.train_eval_captions(seeds[0], per_cat_train), seeds[:1], steps, guidance)
     return ev, tr
 
 
@@ -312,7 +301,7 @@ def sweep_sampling(pipe: Any) -> tuple[int, float, list[dict[str, float]]]:
 
     Among settings within 0.02 of the best, the fewest steps wins (cheaper sampling for RL).
     """
-    caps = train_eval_captions(SWEEP_SEED, per_category=16)
+    caps = world.train_eval_captions(SWEEP_SEED, per_category=16)
     rows = []
     for steps in SWEEP_STEPS:
         for g in SWEEP_GUIDANCE:
