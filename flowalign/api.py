@@ -148,8 +148,8 @@ def evaluate(config: str | None = None, *, checkpoint: str | Path | None = None,
     """Evaluation metrics of a base model (`config`, default the `shapes` preset) or of a trained checkpoint (its
     run's config), exactly as training evaluates: deterministic samples, `eval_seed`, EMA weights.
 
-    Overrides pick the prompt set, e.g. `evaluate(checkpoint="runs/shapes", eval_prompts="shapes:train")` asks whether
-    a run improved the captions it trained on; `shapes:` sets also get the checker's accuracies per category.
+    Overrides pick the prompt set, e.g. `evaluate(checkpoint="runs/shapes", eval_prompts="shapes:train_eval")` asks
+    whether a run improved the captions it trained on; `shapes:` sets also get the checker's accuracies per category.
     """
     if checkpoint is not None and config is not None:
         raise ValueError("give a config (evaluates its base model) or a checkpoint (uses its run's config), not both")

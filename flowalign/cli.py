@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "eval",
         help="evaluate a base model or a checkpoint on a prompt set (per-category accuracy on shapes: sets)",
-        description="Any config key can be overridden: --key value, e.g. --eval-prompts shapes:train "
+        description="Any config key can be overridden: --key value, e.g. --eval-prompts shapes:train_eval "
         "--num-eval-prompts 240 --eval-seed 7.",
     )
     # an option, not a positional: an optional positional would swallow the value of an override like --eval-prompts
