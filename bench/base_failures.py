@@ -31,12 +31,13 @@ def failures(seed: int) -> dict:
     found_all, unknown = 0, 0
     for caption, image in zip(captions, images, strict=True):
         spec = world.parse_caption(caption)
-        found = shapes.detect(image)
+        result = shapes.score(spec, image)
+        found = result.detections
         stated = spec.count if spec.category == "counting" else len(spec.objects)
         surplus[f"{spec.category}/found_minus_stated={len(found) - stated:+d}"] += 1
         found_all += len(found)
         unknown += sum(d.shape == "unknown" for d in found)
-        for name, held in shapes.score(spec, image).constraints.items():
+        for name, held in result.constraints.items():
             key = f"{spec.category}/{name}"
             total[key] += 1
             failed[key] += not held

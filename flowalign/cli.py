@@ -129,8 +129,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
     metrics = evaluate(args.config, checkpoint=args.checkpoint, **parse_overrides(extra))
     keys = [k for k in metrics if not k.startswith("time/") and not k.endswith("/n")]
-    what = args.checkpoint or args.config or "shapes"
-    print(f"evaluation of {what} ({int(metrics.get('eval/n', 0)) or 'all'} samples):")
+    print(f"evaluation of {args.checkpoint or args.config or 'shapes'}:")
     print("\n".join(f"  {k.removeprefix('eval/'):32s} {metrics[k]:8.3f}" for k in keys))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,7 @@ class CheckResult:
     strict: float  # 1.0 iff every constraint holds
     partial: float  # fraction of constraints that hold
     constraints: dict[str, bool]  # constraint name -> held (names in the module docstring)
+    detections: tuple[Detection, ...] = ()  # the objects the grade was computed from (for diagnosis)
 
 
 def _as_uint8(image: Any) -> np.ndarray:
@@ -175,7 +176,7 @@ def detect(image: np.ndarray) -> list[Detection]:
     return found
 
 
-def _constraints(spec: CaptionSpec, found: list[Detection]) -> dict[str, bool]:
+def _constraints(spec: CaptionSpec, found: Sequence[Detection]) -> dict[str, bool]:
     """The constraint table of the module docstring, evaluated on detections."""
     out: dict[str, bool] = {}
     objs = spec.objects
@@ -203,9 +204,10 @@ def score(spec_or_caption: CaptionSpec | str, image: np.ndarray) -> CheckResult:
     """Grades one image against a caption (or its parsed spec); see the constraint table above."""
     # A spec goes through its caption too, so one outside the grammar fails with the grammar's error.
     spec = parse_caption(spec_or_caption if isinstance(spec_or_caption, str) else caption_of(spec_or_caption))
-    cons = _constraints(spec, detect(image))
+    found = tuple(detect(image))
+    cons = _constraints(spec, found)
     held = sum(cons.values())
-    return CheckResult(strict=float(held == len(cons)), partial=held / len(cons), constraints=cons)
+    return CheckResult(strict=float(held == len(cons)), partial=held / len(cons), constraints=cons, detections=found)
 
 
 def _images_uint8(images: Any) -> list[np.ndarray]:

@@ -125,3 +125,10 @@ def test_cli_artifact_train_is_wired(tmp_path):
     assert res.returncode == 2 and "--clean directory" in res.stderr and "Traceback" not in res.stderr
     res = _run(["artifact", "fit"], tmp_path)
     assert res.returncode == 2 and "usage: flowalign artifact train" in res.stderr
+
+
+def test_evaluate_without_evaluation_prompts_is_an_error_before_loading_anything():
+    from flowalign.api import evaluate
+
+    with pytest.raises(ValueError, match="num_eval_prompts must be >= 1"):
+        evaluate("shapes", num_eval_prompts=0)

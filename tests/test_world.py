@@ -146,7 +146,7 @@ def test_train_eval_list_is_balanced_training_captions_and_follows_its_seed() ->
     cats = [w.parse_caption(c).category for c in caps]
     assert Counter(cats) == {c: w.EVAL_PER_CATEGORY for c in w.CATEGORIES}
     assert cats == sorted(cats, key=w.CATEGORIES.index)  # category order, like eval_captions()
-    for cat in w.CATEGORIES:  # a category's distinct captions all appear before any repeats
+    for cat in w.CATEGORIES:  # no caption repeats until its category's distinct captions run out
         got = [c for c in caps if w.parse_caption(c).category == cat]
         n_train = sum(w.parse_caption(c).category == cat for c in train)
         assert len(set(got)) == min(n_train, w.EVAL_PER_CATEGORY)
@@ -157,8 +157,13 @@ def test_train_eval_list_is_balanced_training_captions_and_follows_its_seed() ->
 def test_built_in_prompt_sets_resolve_and_unknown_ones_list_the_valid_names() -> None:
     from flowalign.config import load_prompts
 
-    assert load_prompts("shapes:train_eval") == w.train_eval_captions()
-    assert load_prompts("shapes:eval") == w.eval_captions()
+    balanced = {c: w.EVAL_PER_CATEGORY for c in w.CATEGORIES}
+    for source, held_out in (("shapes:train_eval", False), ("shapes:eval", True)):
+        specs = [w.parse_caption(c) for c in load_prompts(source)]
+        assert Counter(s.category for s in specs) == balanced
+        assert all(w.is_held_out(s) == held_out for s in specs)
+    train = load_prompts("shapes:train")
+    assert not any(w.is_held_out(c) for c in train) and len(set(train)) == len(train) > len(w.CATEGORIES) * 40
     with pytest.raises(ValueError, match="shapes:train, shapes:eval, shapes:train_eval"):
         load_prompts("shapes:nope")
 
