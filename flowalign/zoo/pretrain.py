@@ -74,7 +74,9 @@ def encode_captions(pipe: Any, captions: list[str], batch: int = 256) -> tuple[t
 # ---------------------------------------------------------------------------------------------- training
 
 
-def train_autoencoder(vae: torch.nn.Module, rng: np.random.Generator, steps: int, batch: int = 64) -> float:
+def train_autoencoder(
+    vae: torch.nn.Module, rng: np.random.Generator, steps: int, batch: int = 64, device: str = "cpu"
+) -> float:
     """Trains the one-level AutoencoderKL to copy its input; returns the final reconstruction MSE.
 
     The decoder also sees latents with a little noise added, so it maps slightly-off samples back onto the
@@ -85,9 +87,9 @@ def train_autoencoder(vae: torch.nn.Module, rng: np.random.Generator, steps: int
     loss_rec = float("nan")
     for step in range(steps):
         _, images = world.sample_batch(rng, batch)
-        x = to_pixels(images)
+        x = to_pixels(images).to(device)
         dist = vae.encode(x).latent_dist
-        noise = torch.randn_like(x) * torch.rand(batch, 1, 1, 1) * 0.15
+        noise = (torch.randn(x.shape) * torch.rand(batch, 1, 1, 1) * 0.15).to(device)
         rec = vae.decode(x + noise).sample
         loss_enc = F.mse_loss(dist.mean, x) + 1e-3 * (dist.logvar + 9.0).pow(2).mean()  # deterministic encoder
         loss_rec_t = F.mse_loss(rec, x)
@@ -97,7 +99,7 @@ def train_autoencoder(vae: torch.nn.Module, rng: np.random.Generator, steps: int
         opt.step()
         loss_rec = float(loss_rec_t.detach())
         if step % 50 == 0 or step == steps - 1:
-            log.info("vae step %d  enc %.5f  rec %.5f", step, float(loss_enc), loss_rec)
+            log.info("vae step %d  enc %.5f  rec %.5f", step, float(loss_enc.detach()), loss_rec)
     vae.eval().requires_grad_(False)
     return loss_rec
 
@@ -197,17 +199,20 @@ def write_card(out: Path, info: dict[str, Any]) -> None:
         "sets for a base model (room for RL to lift it to ≥ 80% without starting from nothing)."
     )
     size_mb = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 2**20
-    tc, prm = sm.TRANSFORMER_CONFIG, info["params"]
+    tc, prm = info["transformer_config"], info["params"]
     width = tc["num_attention_heads"] * tc["attention_head_dim"]
+    tokens = (world.IMAGE_SIZE // tc["patch_size"]) ** 2
     component_rows = "\n".join(
         [
             f"| transformer | `SD3Transformer2DModel` | {prm['transformer']:,} | {tc['num_layers']} joint blocks, "
-            f"width {width}, patch {tc['patch_size']} on 32×32×3 pixels (64 image tokens), RMS qk-norm |",
+            f"width {width}, patch {tc['patch_size']} on 32×32×3 pixels ({tokens} image tokens), RMS qk-norm |",
             f"| vae | `AutoencoderKL` | {prm['vae']:,} | one level (`vae_scale_factor` 1), 3 latent channels = pixels "
             "in [-1, 1], scaling 1, shift 0; trained to copy renders |",
             f"| text_encoder, text_encoder_2 | `CLIPTextModelWithProjection` | {prm['text_encoder']:,} each | "
             f"1 layer, width {sm.TEXT_HIDDEN}, **frozen at random init** (the pipeline reads the token + position "
-            "embeddings) |",
+            "embeddings)"
+            + ("" if t.get("pooled", True) else "; pooled projection zero, so captions are read token by token")
+            + " |",
             f"| tokenizer, tokenizer_2 | `CLIPTokenizer` | {info['vocab_size']} tokens | real CLIP BPE (open_clip's "
             f"file) reduced to the grammar's words, padded to {sm.TEXT_LEN} |",
             "| text_encoder_3, tokenizer_3 | — | — | none: the pipeline appends `max_sequence_length` = "
@@ -335,9 +340,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae-steps", type=int, default=400)
     p.add_argument("--ckpt-minutes", type=float, default=8.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1'")
+    p.add_argument("--patch-size", type=int, default=4, help="2 draws sharper shapes at ~3.7x the compute (GPU)")
+    p.add_argument("--width", type=int, default=96, help="transformer width (a multiple of 32)")
+    p.add_argument("--layers", type=int, default=6, help="transformer joint blocks")
     # The shipped weights were trained with bf16 autocast, so it stays the default; on this 2-core CPU, fp32
     # (--no-bf16) is faster at this model size (195 vs 138 samples/s in isolation).
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (transformer)")
+    p.add_argument(
+        "--pooled",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="condition on the CLIP pooled vectors too (--no-pooled zeroes them: captions are read token by token)",
+    )
     p.add_argument("--num-steps", type=int, default=20, help="steps of checkpoint evals (and final, --no-sweep)")
     p.add_argument("--guidance", type=float, default=4.0, help="guidance of checkpoint evals (and final, --no-sweep)")
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1])
@@ -369,13 +384,15 @@ def main(argv: list[str] | None = None) -> None:
         _finish(pipe, args, prev, t_start)
         return
 
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    arch = sm.transformer_config(args.patch_size, args.width, args.layers)  # bad sizes fail here, before any work
     rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    pipe = sm.build_shapes_pipeline(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # on the CPU, so data and noise follow the seed on any device
+    pipe = sm.build_shapes_pipeline(args.seed, pooled_text=args.pooled, transformer=arch).to(device)
 
     # 2. autoencoder
     t0 = time.time()
-    vae_rec = train_autoencoder(pipe.vae, rng, args.vae_steps)
+    vae_rec = train_autoencoder(pipe.vae, rng, args.vae_steps, device=str(device))
     vae_minutes = (time.time() - t0) / 60
 
     # 3. transformer. Captions are encoded once; index them by caption string.
@@ -408,7 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     def checkpoint() -> None:
         pipe.register_modules(transformer=ema)
         pipe.save_pretrained(args.out, safe_serialization=True)
-        save_file(ema.state_dict(), str(args.runs / f"transformer_step{step:06d}.safetensors"))
+        state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+        save_file(state, str(args.runs / f"transformer_step{step:06d}.safetensors"))
         t_eval = time.time()
         res = evaluate_model(pipe, quick_eval_captions(), [0], args.num_steps, args.guidance)
         entry = {"step": step, "minutes": (time.time() - t_train) / 60, **res}
@@ -429,10 +447,11 @@ def main(argv: list[str] | None = None) -> None:
         ids = torch.where(drop, torch.full_like(ids, empty), ids)
         sigma = sample_sigmas(len(ids), gen)
         noise = torch.randn(x0.shape, generator=gen)
+        x0, noise, sigma, ids = x0.to(device), noise.to(device), sigma.to(device), ids.to(device)
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         target = noise - x0
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             pred = model(
                 hidden_states=x_t,
                 encoder_hidden_states=cond[ids],
@@ -482,13 +501,23 @@ def main(argv: list[str] | None = None) -> None:
         "final_loss": loss_avg,
         "threads": args.threads,
         "bf16": args.bf16,
-        "hardware": f"{platform.processor() or platform.machine()} ({os.cpu_count()} visible cores)",
+        "pooled": args.pooled,
+        "hardware": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{platform.processor() or platform.machine()} ({os.cpu_count()} visible cores)",
+        "transformer": {"patch_size": args.patch_size, "width": args.width, "layers": args.layers},
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
         "command": f"python -m flowalign.zoo.pretrain --out {args.out} "
         + (f"--steps {args.steps}" if args.steps else f"--minutes {args.minutes:g}")
         + f" --seed {args.seed}"
-        + ("" if args.bf16 else " --no-bf16"),
+        + ("" if args.bf16 else " --no-bf16")
+        + ("" if args.pooled else " --no-pooled")
+        + "".join(
+            f" --{k.replace('_', '-')} {getattr(args, k)}"
+            for k in ("patch_size", "width", "layers")
+            if getattr(args, k) != p.get_default(k)
+        ),
         "checkpoints": ckpts,
     }
     _finish(pipe, args, training, t_start)
@@ -535,6 +564,7 @@ def _pipeline_facts(pipe: Any) -> dict[str, Any]:
             "text_encoder": sum(q.numel() for q in pipe.text_encoder.parameters()),
         },
         "vocab_size": len(pipe.tokenizer),
+        "transformer_config": dict(pipe.transformer.config),
     }
 
 

@@ -20,6 +20,8 @@ real SD3 checkpoint (the adapter, the samplers, `pipe(...)` itself) works on it 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
@@ -33,21 +35,36 @@ SCHEDULER_SHIFT = 1.0  # no resolution shift at 32×32; the training sigma densi
 
 TEXT_HIDDEN = 64  # width of each CLIP text encoder; the two are concatenated → 128 = joint_attention_dim
 TEXT_PROJECTION = 64  # each pooled projection; concatenated → 128 = pooled_projection_dim
+HEAD_DIM = 32  # transformer attention head width; the width is a multiple of it
 
-TRANSFORMER_CONFIG = dict(
-    sample_size=IMAGE_SIZE,
-    patch_size=4,
-    in_channels=3,
-    out_channels=3,
-    num_layers=6,
-    attention_head_dim=32,
-    num_attention_heads=3,  # width 96
-    joint_attention_dim=2 * TEXT_HIDDEN,
-    caption_projection_dim=96,  # must equal the transformer width (heads × head dim)
-    pooled_projection_dim=2 * TEXT_PROJECTION,
-    pos_embed_max_size=IMAGE_SIZE // 4,
-    qk_norm="rms_norm",
-)
+
+def transformer_config(patch_size: int = 4, width: int = 96, layers: int = 6) -> dict[str, Any]:
+    """The `SD3Transformer2DModel` config; the defaults are the shipped model (patch 4 → 64 image tokens).
+
+    Patch 2 (256 tokens) draws sharper shapes but costs ~3.7× the compute per sample: a GPU option.
+    """
+    if IMAGE_SIZE % patch_size or width % HEAD_DIM or width <= 0 or layers <= 0:
+        raise ValueError(
+            f"need patch_size dividing {IMAGE_SIZE}, width a positive multiple of {HEAD_DIM} and layers > 0; "
+            f"got patch_size={patch_size}, width={width}, layers={layers}"
+        )
+    return dict(
+        sample_size=IMAGE_SIZE,
+        patch_size=patch_size,
+        in_channels=3,
+        out_channels=3,
+        num_layers=layers,
+        attention_head_dim=HEAD_DIM,
+        num_attention_heads=width // HEAD_DIM,
+        joint_attention_dim=2 * TEXT_HIDDEN,
+        caption_projection_dim=width,  # must equal the transformer width (heads × head dim)
+        pooled_projection_dim=2 * TEXT_PROJECTION,
+        pos_embed_max_size=IMAGE_SIZE // patch_size,
+        qk_norm="rms_norm",
+    )
+
+
+TRANSFORMER_CONFIG = transformer_config()
 
 VAE_CONFIG = dict(
     in_channels=3,
@@ -101,17 +118,28 @@ def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
     return encoder.eval().requires_grad_(False)
 
 
-def build_shapes_pipeline(seed: int = 0) -> StableDiffusion3Pipeline:
-    """Builds the untrained `shapes` pipeline from the configs above (no downloads, deterministic in `seed`)."""
+def build_shapes_pipeline(
+    seed: int = 0, pooled_text: bool = True, transformer: dict[str, Any] | None = None
+) -> StableDiffusion3Pipeline:
+    """Builds the untrained `shapes` pipeline from the configs above (no downloads, deterministic in `seed`).
+
+    `transformer` replaces `TRANSFORMER_CONFIG` (see `transformer_config`).
+    `pooled_text=False` zeroes both encoders' pooled projections, so every caption's pooled vector is 0 and the
+    transformer can read a caption only token by token through joint attention (see pretrain's `--no-pooled`).
+    """
     torch.manual_seed(seed)
     tokenizer = shapes_tokenizer()
     text_encoder = _text_encoder(tokenizer)
     text_encoder_2 = _text_encoder(tokenizer)
-    transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
+    if not pooled_text:
+        with torch.no_grad():
+            for encoder in (text_encoder, text_encoder_2):
+                encoder.text_projection.weight.zero_()
+    transformer_model = SD3Transformer2DModel(**(transformer or TRANSFORMER_CONFIG))
     vae = AutoencoderKL(**VAE_CONFIG)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     return StableDiffusion3Pipeline(
-        transformer=transformer,
+        transformer=transformer_model,
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,
