@@ -466,7 +466,8 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
         step += 1
-        loss_avg = 0.98 * loss_avg + 0.02 * float(loss) if step > 1 else float(loss)
+        loss_f = float(loss.detach())
+        loss_avg = 0.98 * loss_avg + 0.02 * loss_f if step > 1 else loss_f
         if step % 50 == 0:
             el = time.time() - t_train
             log.info(
