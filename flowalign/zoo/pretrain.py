@@ -210,9 +210,7 @@ def write_card(out: Path, info: dict[str, Any]) -> None:
             "in [-1, 1], scaling 1, shift 0; trained to copy renders |",
             f"| text_encoder, text_encoder_2 | `CLIPTextModelWithProjection` | {prm['text_encoder']:,} each | "
             f"1 layer, width {sm.TEXT_HIDDEN}, **frozen at random init** (the pipeline reads the token + position "
-            "embeddings)"
-            + ("" if t.get("pooled", True) else "; pooled projection zero, so captions are read token by token")
-            + " |",
+            "embeddings) |",
             f"| tokenizer, tokenizer_2 | `CLIPTokenizer` | {info['vocab_size']} tokens | real CLIP BPE (open_clip's "
             f"file) reduced to the grammar's words, padded to {sm.TEXT_LEN} |",
             "| text_encoder_3, tokenizer_3 | — | — | none: the pipeline appends `max_sequence_length` = "
@@ -341,18 +339,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ckpt-minutes", type=float, default=8.0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="auto", help="'auto' (CUDA when present, else CPU), 'cpu', 'cuda', 'cuda:1'")
-    p.add_argument("--patch-size", type=int, default=4, help="2 draws sharper shapes at ~3.7x the compute (GPU)")
-    p.add_argument("--width", type=int, default=96, help="transformer width (a multiple of 32)")
-    p.add_argument("--layers", type=int, default=6, help="transformer joint blocks")
+    p.add_argument("--patch-size", type=int, default=sm.PATCH_SIZE, help="transformer patch (2: 256 image tokens)")
+    p.add_argument("--width", type=int, default=sm.WIDTH, help="transformer width (a multiple of 32)")
+    p.add_argument("--layers", type=int, default=sm.LAYERS, help="transformer joint blocks")
     # The shipped weights were trained with bf16 autocast, so it stays the default; on this 2-core CPU, fp32
     # (--no-bf16) is faster at this model size (195 vs 138 samples/s in isolation).
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (transformer)")
-    p.add_argument(
-        "--pooled",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="condition on the CLIP pooled vectors too (--no-pooled zeroes them: captions are read token by token)",
-    )
     p.add_argument("--num-steps", type=int, default=20, help="steps of checkpoint evals (and final, --no-sweep)")
     p.add_argument("--guidance", type=float, default=4.0, help="guidance of checkpoint evals (and final, --no-sweep)")
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1])
@@ -388,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     arch = sm.transformer_config(args.patch_size, args.width, args.layers)  # bad sizes fail here, before any work
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # on the CPU, so data and noise follow the seed on any device
-    pipe = sm.build_shapes_pipeline(args.seed, pooled_text=args.pooled, transformer=arch).to(device)
+    pipe = sm.build_shapes_pipeline(args.seed, transformer=arch).to(device)
 
     # 2. autoencoder
     t0 = time.time()
@@ -502,7 +494,6 @@ def main(argv: list[str] | None = None) -> None:
         "final_loss": loss_avg,
         "threads": args.threads,
         "bf16": args.bf16,
-        "pooled": args.pooled,
         "hardware": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"{platform.processor() or platform.machine()} ({os.cpu_count()} visible cores)",
@@ -513,7 +504,6 @@ def main(argv: list[str] | None = None) -> None:
         + (f"--steps {args.steps}" if args.steps else f"--minutes {args.minutes:g}")
         + f" --seed {args.seed}"
         + ("" if args.bf16 else " --no-bf16")
-        + ("" if args.pooled else " --no-pooled")
         + "".join(
             f" --{k.replace('_', '-')} {getattr(args, k)}"
             for k in ("patch_size", "width", "layers")

@@ -36,10 +36,14 @@ SCHEDULER_SHIFT = 1.0  # no resolution shift at 32×32; the training sigma densi
 TEXT_HIDDEN = 64  # width of each CLIP text encoder; the two are concatenated → 128 = joint_attention_dim
 TEXT_PROJECTION = 64  # each pooled projection; concatenated → 128 = pooled_projection_dim
 HEAD_DIM = 32  # transformer attention head width; the width is a multiple of it
+# The shipped transformer's size (pretrain's defaults).
+PATCH_SIZE = 4
+WIDTH = 96
+LAYERS = 6
 
 
-def transformer_config(patch_size: int = 4, width: int = 96, layers: int = 6) -> dict[str, Any]:
-    """The `SD3Transformer2DModel` config; the defaults are the shipped model (patch 4 → 64 image tokens).
+def transformer_config(patch_size: int = PATCH_SIZE, width: int = WIDTH, layers: int = LAYERS) -> dict[str, Any]:
+    """The `SD3Transformer2DModel` config; the defaults are the shipped model's.
 
     Patch 2 (256 tokens) draws sharper shapes but costs ~3.7× the compute per sample: a GPU option.
     """
@@ -118,23 +122,15 @@ def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
     return encoder.eval().requires_grad_(False)
 
 
-def build_shapes_pipeline(
-    seed: int = 0, pooled_text: bool = True, transformer: dict[str, Any] | None = None
-) -> StableDiffusion3Pipeline:
+def build_shapes_pipeline(seed: int = 0, transformer: dict[str, Any] | None = None) -> StableDiffusion3Pipeline:
     """Builds the untrained `shapes` pipeline from the configs above (no downloads, deterministic in `seed`).
 
     `transformer` replaces `TRANSFORMER_CONFIG` (see `transformer_config`).
-    `pooled_text=False` zeroes both encoders' pooled projections, so every caption's pooled vector is 0 and the
-    transformer can read a caption only token by token through joint attention (see pretrain's `--no-pooled`).
     """
     torch.manual_seed(seed)
     tokenizer = shapes_tokenizer()
     text_encoder = _text_encoder(tokenizer)
     text_encoder_2 = _text_encoder(tokenizer)
-    if not pooled_text:
-        with torch.no_grad():
-            for encoder in (text_encoder, text_encoder_2):
-                encoder.text_projection.weight.zero_()
     transformer_model = SD3Transformer2DModel(**(transformer or TRANSFORMER_CONFIG))
     vae = AutoencoderKL(**VAE_CONFIG)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
