@@ -101,6 +101,7 @@ def test_shipped_model_scores_within_its_card_range() -> None:
     settings = zoo.sampling_settings("shapes")
     pipe = zoo.load("shapes")
     captions = world.eval_captions()[::5]
+    torch.manual_seed(0)  # a stochastic scheduler's step noise comes from the global RNG (see the model card)
     out = pipe(
         captions,
         num_inference_steps=settings["num_inference_steps"],

@@ -44,8 +44,9 @@ def model_dir(name: str) -> Path:
 def sampling_settings(name: str = "shapes") -> dict[str, Any]:
     """The recommended sampling settings and the measured base accuracy from the model's `flowalign.json`.
 
-    Keys: max_sequence_length, num_inference_steps, guidance_scale, height, width, and "eval"
-    ({"strict", "partial", "n", "seeds"} on the held-out split).
+    Keys: max_sequence_length, num_inference_steps, guidance_scale, height, width, stochastic_sampling (already set
+    in the shipped scheduler's config; recorded here), and "eval" ({"strict", "partial", "n", "seeds"} on the
+    held-out split).
     """
     path = model_dir(name) / "flowalign.json"
     if not path.exists():
