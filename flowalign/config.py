@@ -31,7 +31,10 @@ class TrainConfig:
     max_sequence_length: int | None = None  # text tokens; None = the model's recommended value
     # --- sampling ----------------------------------------------------------------------------------
     num_steps: int = 10  # denoising steps while training (Flow-GRPO trains with fewer than it evaluates)
-    eval_num_steps: int = 20  # denoising steps for evaluation and grids (ODE, noise 0)
+    eval_num_steps: int = 20  # denoising steps for evaluation and grids
+    # Evaluation sampler: "ode" (Euler, noise 0: the stock pipeline's default) or "renoise" (every step re-noises the
+    # predicted clean image, the cps step at a=1 = diffusers' `stochastic_sampling`; seeded, so still reproducible).
+    eval_sampler: str = "ode"
     guidance_scale: float = 4.5  # CFG used to sample AND to recompute log-probs (must match)
     eval_guidance_scale: float | None = None  # None = guidance_scale
     noise_level: float = 0.7  # SDE noise scale a (SD3 0.7, FLUX 0.9)
@@ -109,6 +112,7 @@ class TrainConfig:
             raise ValueError(f"sde_window ({self.sde_window}) must be < num_steps ({self.num_steps}); 0 = all steps")
         for name, allowed in {
             "sampler": ("sde", "cps"),
+            "eval_sampler": ("ode", "renoise"),
             "credit": ("outcome", "incremental", "turning_point"),
             "adv_std": ("group", "batch"),
             "credit_balance": ("none", "batch", "group", "global"),

@@ -357,9 +357,10 @@ class GRPOTrainer:
 
     @torch.no_grad()
     def generate(self, prompts: Sequence[str], seed: int, batch_size: int = 64) -> Tensor:
-        """Deterministic (ODE) images for `prompts` at the evaluation settings; [N,3,H,W] on CPU."""
+        """Images for `prompts` at the evaluation settings (`eval_sampler`), a function of `seed`; [N,3,H,W] on CPU."""
         cfg = self.cfg
         guidance = cfg.eval_guidance_scale if cfg.eval_guidance_scale is not None else cfg.guidance_scale
+        renoise = cfg.eval_sampler == "renoise"  # cps at a=1 on every step but the last (which lands on x̂0 anyway)
         self.adapter.transformer.eval()
         images = []
         for start in range(0, len(prompts), batch_size):
@@ -371,15 +372,16 @@ class GRPOTrainer:
                     chunk,
                     num_steps=cfg.eval_num_steps,
                     guidance_scale=guidance,
-                    noise_level=0.0,
-                    sde_steps=[],
+                    noise_level=1.0 if renoise else 0.0,
+                    sampler="cps",
+                    sde_steps=None if renoise else [],
                     generator=gen,
                 )
             images.append(traj.images.float().cpu())
         return torch.cat(images)
 
     def evaluate(self) -> dict[str, float]:
-        """Reward (and evaluator metrics) of deterministic samples on the fixed evaluation prompts."""
+        """Reward (and evaluator metrics) of seeded samples (`eval_sampler`) on the fixed evaluation prompts."""
         if not self.eval_prompts:
             return {}
         t0 = time.perf_counter()

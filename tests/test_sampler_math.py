@@ -83,6 +83,23 @@ def test_cps_log_prob_equals_torch_normal(exact):
     torch.testing.assert_close(out.log_prob.double(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_cps_at_a1_equals_diffusers_stochastic_sampling_step():
+    """`eval_sampler: renoise` is the cps step at a = 1: x' = (1 − σ')·x̂0 + σ'·ε, which is what diffusers'
+    `FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)` does. Same noise in, same sample out, every step."""
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, stochastic_sampling=True)
+    scheduler.set_timesteps(10)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    for k, t in enumerate(scheduler.timesteps):
+        v = torch.randn(2, 4, 8, 8, generator=g)
+        stock = scheduler.step(v, t, x, generator=torch.Generator().manual_seed(k), return_dict=False)[0]
+        ours = cps_step(
+            v, x, scheduler.sigmas[k], scheduler.sigmas[k + 1], 1.0, generator=torch.Generator().manual_seed(k)
+        )
+        torch.testing.assert_close(ours.prev_sample, stock, atol=1e-6, rtol=1e-6)
+        x = stock
+
+
 @pytest.mark.parametrize("sampler", ["sde", "cps"])
 def test_step_samples_have_the_stated_mean_and_std(sampler):
     n = 20_000
