@@ -146,7 +146,7 @@ def train(config: str | None = "shapes", *, resume: str | None = None, progress:
 
 def evaluate(config: str | None = None, *, checkpoint: str | Path | None = None, **overrides: Any) -> dict[str, float]:
     """Evaluation metrics of a base model (`config`, default the `shapes` preset) or of a trained checkpoint (its
-    run's config), exactly as training evaluates: deterministic samples, `eval_seed`, EMA weights.
+    run's config), exactly as training evaluates: its `eval_sampler`, seeded by `eval_seed`, EMA weights.
 
     Overrides pick the prompt set, e.g. `evaluate(checkpoint="runs/shapes", eval_prompts="shapes:train_eval")` asks
     whether a run improved the captions it trained on; `shapes:` sets also get the checker's accuracies per category.

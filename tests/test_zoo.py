@@ -149,7 +149,7 @@ def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path) -> None:
     assert (cfg.patch_size, cfg.num_layers, cfg.num_attention_heads * cfg.attention_head_dim) == (8, 1, 64)
     side = json.loads((out / "flowalign.json").read_text())
     t = side["pretraining"]
-    assert t["steps"] == 3 and t["transformer"] == {"patch_size": 8, "width": 64, "layers": 1}
+    assert t["steps"] == 3
     assert t["command"].endswith("--steps 3 --seed 0 --patch-size 8 --width 64 --layers 1")
     assert side["eval"]["n"] == len(world.eval_captions())
     card = (out / "README.md").read_text()

@@ -325,7 +325,7 @@ def set_stochastic(pipe: Any, stochastic: bool) -> None:
     pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, stochastic_sampling=stochastic)
 
 
-def sweep_sampling(pipe: Any) -> tuple[int, float, bool, list[dict[str, Any]]]:
+def sweep_sampling(pipe: Any) -> tuple[int, float, list[dict[str, Any]]]:
     """Chooses (num_inference_steps, guidance_scale, stochastic_sampling) by strict accuracy on *train* captions
     (never held-out ones), and leaves `pipe` with the chosen scheduler.
 
@@ -344,7 +344,7 @@ def sweep_sampling(pipe: Any) -> tuple[int, float, bool, list[dict[str, Any]]]:
     best = max(r["strict"] for r in rows)
     pick = min((r for r in rows if r["strict"] >= best - 0.02), key=lambda r: (r["num_inference_steps"], -r["strict"]))
     set_stochastic(pipe, pick["stochastic_sampling"])
-    return int(pick["num_inference_steps"]), float(pick["guidance_scale"]), pick["stochastic_sampling"], rows
+    return int(pick["num_inference_steps"]), float(pick["guidance_scale"]), rows
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -528,7 +528,6 @@ def main(argv: list[str] | None = None) -> None:
         "hardware": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"{platform.processor() or platform.machine()} ({os.cpu_count()} visible cores)",
-        "transformer": {"patch_size": args.patch_size, "width": args.width, "layers": args.layers},
         "torch": torch.__version__,
         "diffusers": __import__("diffusers").__version__,
         "command": f"python -m flowalign.zoo.pretrain --out {args.out} "
@@ -550,7 +549,7 @@ def _finish(pipe: Any, args: argparse.Namespace, training: dict[str, Any], t_sta
     note = ""
     ckpt_settings = f"{args.num_steps} steps, guidance {args.guidance:g}"
     if args.sweep:
-        args.num_steps, args.guidance, _, rows = sweep_sampling(pipe)
+        args.num_steps, args.guidance, rows = sweep_sampling(pipe)
         pipe.scheduler.save_pretrained(args.out / "scheduler")  # the stock pipe(...) then samples as chosen
         table = "; ".join(
             ("stochastic" if stochastic else "ODE")

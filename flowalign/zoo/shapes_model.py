@@ -68,8 +68,6 @@ def transformer_config(patch_size: int = PATCH_SIZE, width: int = WIDTH, layers:
     )
 
 
-TRANSFORMER_CONFIG = transformer_config()
-
 VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,
@@ -125,13 +123,13 @@ def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
 def build_shapes_pipeline(seed: int = 0, transformer: dict[str, Any] | None = None) -> StableDiffusion3Pipeline:
     """Builds the untrained `shapes` pipeline from the configs above (no downloads, deterministic in `seed`).
 
-    `transformer` replaces `TRANSFORMER_CONFIG` (see `transformer_config`).
+    `transformer`: a `transformer_config(...)`; None = the shipped size.
     """
     torch.manual_seed(seed)
     tokenizer = shapes_tokenizer()
     text_encoder = _text_encoder(tokenizer)
     text_encoder_2 = _text_encoder(tokenizer)
-    transformer_model = SD3Transformer2DModel(**(transformer or TRANSFORMER_CONFIG))
+    transformer_model = SD3Transformer2DModel(**(transformer or transformer_config()))
     vae = AutoencoderKL(**VAE_CONFIG)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
     return StableDiffusion3Pipeline(
