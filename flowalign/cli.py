@@ -47,7 +47,8 @@ def banner(trainer) -> str:
         f"  (x {trainer.accelerator.num_processes} processes)",
         f"  minibatch {cfg.train_batch_size}, {per_step} minibatches/step, grad_accum {cfg.grad_accum}"
         f" -> {max(1, per_step // cfg.grad_accum)} optimizer steps/step",
-        f"  denoising: {cfg.num_steps} steps train ({n_train} stochastic, {cfg.sampler}, a={cfg.noise_level}),"
+        f"  denoising: {cfg.num_steps} steps train ({n_train} trained, {cfg.sampler}, a={cfg.noise_level};"
+        f" rest {cfg.untrained_sampler}),"
         f" {cfg.eval_num_steps} eval ({cfg.eval_sampler}); CFG {cfg.guidance_scale}",
         f"  {'LoRA r=' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}:"
         f" {sum(p.numel() for p in trainer.params.values()):,} trainable parameters; lr {cfg.learning_rate}",

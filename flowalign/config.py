@@ -45,10 +45,13 @@ class TrainConfig:
     # absorbs the reward variance the initial noise causes, which no step's log-prob can explain
     min_noise_std: float = 0.02  # steps whose noise std is below this run ODE: they explore nothing yet their
     # log-prob gradients are ~1/std and swamp the rest (the schedule's step to sigma ~0.001; README "Figures")
+    # How training rollouts run the steps they do not train (outside the window, or too narrow): "ode" or "renoise",
+    # the eval_sampler choices; renoise makes the rewarded images come from the sampler the model is evaluated with.
+    untrained_sampler: str = "ode"
     # --- data --------------------------------------------------------------------------------------
-    prompts: str = "shapes:train"  # "shapes:train" | "shapes:eval" | "shapes:train_eval" | a .txt/.jsonl file
+    prompts: str = "shapes:train"  # "shapes:train[_balanced]" | "shapes:eval" | "shapes:train_eval" | .txt/.jsonl
     eval_prompts: str = "shapes:eval"
-    num_eval_prompts: int = 64  # fixed evaluation prompts (N spread evenly over the list)
+    num_eval_prompts: int = 64  # fixed evaluation prompts (N spread evenly over the list; cycles if N is larger)
     prompts_per_step: int = 4  # P distinct prompts per step
     group_size: int = 8  # G samples per prompt (>= 2: advantages are relative within a group)
     # --- reward and credit -------------------------------------------------------------------------
@@ -113,6 +116,7 @@ class TrainConfig:
         for name, allowed in {
             "sampler": ("sde", "cps"),
             "eval_sampler": ("ode", "renoise"),
+            "untrained_sampler": ("ode", "renoise"),
             "credit": ("outcome", "incremental", "turning_point"),
             "adv_std": ("group", "batch"),
             "credit_balance": ("none", "batch", "group", "global"),
@@ -210,20 +214,32 @@ def to_yaml(cfg: TrainConfig) -> str:
 def load_prompt_set(source: str) -> tuple[list[str], dict[str, list]]:
     """Resolves a prompt source into prompts and per-prompt columns (forwarded to rewards as keywords).
 
-    "shapes:train" / "shapes:eval": the built-in world's splits; "shapes:train_eval": 40 training captions per
-    category (the model card's balanced list, to check a run on what it trained on); `*.txt`: one prompt per line;
+    "shapes:train" / "shapes:eval": the built-in world's splits; "shapes:train_balanced": the training split with
+    every category equally likely under uniform draws (`world.train_balanced_captions`); "shapes:train_eval": 40
+    training captions per category (the model card's balanced list, to check a run on what it trained on); a
+    "/<category>" suffix keeps one category ("shapes:eval/counting": the 40 held-out counting entries); `*.txt`: one
+    prompt per line;
     `*.jsonl`: one object per line with a "prompt" and any extra fields (e.g. "reference_images" for DINO similarity).
     """
     if source.startswith("shapes:"):
         from flowalign import world
 
-        sets = {"train": world.train_captions, "eval": world.eval_captions, "train_eval": world.train_eval_captions}
-        split = source.split(":", 1)[1]
-        if split not in sets:
+        sets = {
+            "train": world.train_captions,
+            "train_balanced": world.train_balanced_captions,
+            "eval": world.eval_captions,
+            "train_eval": world.train_eval_captions,
+        }
+        split, _, category = source.split(":", 1)[1].partition("/")
+        if split not in sets or (category and category not in world.CATEGORIES):
             raise ValueError(
-                f"unknown built-in prompt set {source!r}; use one of {', '.join('shapes:' + k for k in sets)}"
+                f"unknown built-in prompt set {source!r}; use one of {', '.join('shapes:' + k for k in sets)}, "
+                f"optionally with /<category> ({', '.join(world.CATEGORIES)})"
             )
-        return sets[split](), {}
+        prompts = list(sets[split]())
+        if category:
+            prompts = [p for p in prompts if world.parse_caption(p).category == category]
+        return prompts, {}
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(

@@ -57,9 +57,10 @@ def _seed(*parts: int) -> int:
 
 
 def evenly_spaced(items: list, n: int) -> list:
-    """`n` items spread evenly over the list (prompt sets are often grouped by category: never take a prefix)."""
+    """`n` items spread evenly over the list (prompt sets are often grouped by category: never take a prefix); above
+    the list's length it cycles, so a small held-out set can still be scored on enough images (each its own noise)."""
     if n >= len(items):
-        return items
+        return [items[i % len(items)] for i in range(n)] if items else []
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
@@ -189,6 +190,7 @@ class GRPOTrainer:
                 sampler=cfg.sampler,
                 sde_steps=self._sde_steps(step),
                 generator=gen,
+                untrained=cfg.untrained_sampler,
                 latents=latents,
                 cond=cond,
                 columns={
@@ -360,7 +362,6 @@ class GRPOTrainer:
         """Images for `prompts` at the evaluation settings (`eval_sampler`), a function of `seed`; [N,3,H,W] on CPU."""
         cfg = self.cfg
         guidance = cfg.eval_guidance_scale if cfg.eval_guidance_scale is not None else cfg.guidance_scale
-        renoise = cfg.eval_sampler == "renoise"  # cps at a=1 on every step but the last (which lands on x̂0 anyway)
         self.adapter.transformer.eval()
         images = []
         for start in range(0, len(prompts), batch_size):
@@ -372,10 +373,10 @@ class GRPOTrainer:
                     chunk,
                     num_steps=cfg.eval_num_steps,
                     guidance_scale=guidance,
-                    noise_level=1.0 if renoise else 0.0,
-                    sampler="cps",
-                    sde_steps=None if renoise else [],
+                    noise_level=0.0,
+                    sde_steps=[],
                     generator=gen,
+                    untrained=cfg.eval_sampler,
                 )
             images.append(traj.images.float().cpu())
         return torch.cat(images)

@@ -6,7 +6,7 @@ with a LoRA that really changes the model; seeds make trajectories reproducible;
 
 import pytest
 import torch
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from peft import LoraConfig, get_peft_model, inject_adapter_in_model
 
 from flowalign.adapters import FluxAdapter, SD3Adapter, adapter_for, load_pipeline
@@ -252,6 +252,49 @@ def test_rollout_with_sde_window_and_other_step_counts(tiny_sd3):
         assert t.latents.shape[:2] == (2, steps + 1) and t.log_probs.shape == (2, steps) and t.num_steps == steps
 
 
+def test_untrained_renoise_is_the_stock_stochastic_scheduler(tiny_sd3):
+    """`untrained="renoise"` runs untrained steps as diffusers' `stochastic_sampling` does: from the same initial
+    latents and the same noise stream (the stock scheduler draws from torch's global RNG), the same final latents."""
+    adapter = adapter_for(tiny_sd3, max_sequence_length=MSL)
+    latents = adapter.init_noise(len(PROMPTS), _gen(3))
+    common = dict(num_steps=5, guidance_scale=4.5, noise_level=0.0, latents=latents, decode=False)
+    traj = rollout(adapter, PROMPTS, sde_steps=[], untrained="renoise", generator=_gen(7), **common)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(tiny_sd3.scheduler.config, stochastic_sampling=True)
+    stochastic_pipe = StableDiffusion3Pipeline(**{**tiny_sd3.components, "scheduler": scheduler})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        stock = _stock(stochastic_pipe, adapter, 5, 4.5, output_type="latent", latents=latents)
+    assert (traj.latents[:, -1] - stock).abs().max() <= 1e-5
+    assert (traj.log_probs == 0).all() and not traj.sde_mask.any()
+    ode = rollout(adapter, PROMPTS, sde_steps=[], generator=_gen(7), **common)
+    assert (traj.latents[:, -1] - ode.latents[:, -1]).abs().max() > 0.1
+
+
+def test_untrained_renoise_keeps_the_trained_steps_replayable(tiny_sd3):
+    adapter = adapter_for(tiny_sd3, max_sequence_length=MSL)
+    traj = rollout(
+        adapter,
+        PROMPTS,
+        num_steps=6,
+        guidance_scale=4.5,
+        noise_level=0.8,
+        sampler="cps",
+        sde_steps=[0, 1],
+        generator=_gen(0),
+        decode=False,
+        untrained="renoise",
+    )
+    assert traj.sde_mask.tolist() == [True, True, False, False, False, False]
+    assert (traj.log_probs[:, 2:] == 0).all() and (traj.log_probs[:, :2] != 0).all()
+    with torch.no_grad():
+        for k in (0, 1):
+            assert torch.equal(replay_step(adapter, traj, k).log_prob, traj.log_probs[:, k])
+        for k in (2, 3, 4):  # re-noised, so not the Euler step a replay of an untrained step would compute
+            euler = replay_step(adapter, traj, k).prev_sample
+            assert (euler - traj.latents[:, k + 1]).abs().max() > 1e-3
+        torch.testing.assert_close(replay_step(adapter, traj, 5).prev_sample, traj.latents[:, 6])  # last: x̂0
+
+
 def test_rollout_input_errors(tiny_sd3):
     adapter = adapter_for(tiny_sd3, max_sequence_length=MSL)
     common = dict(num_steps=3, guidance_scale=4.5, noise_level=0.7, decode=False)
@@ -261,6 +304,8 @@ def test_rollout_input_errors(tiny_sd3):
         rollout(adapter, PROMPTS, sampler="nope", **common)
     with pytest.raises(ValueError, match="last step"):
         rollout(adapter, PROMPTS, sde_steps=[2], **common)
+    with pytest.raises(ValueError, match="untrained must be one of ode, renoise"):
+        rollout(adapter, PROMPTS, untrained="sde", **common)
     cond = adapter.encode(PROMPTS, 1.0)
     with pytest.raises(ValueError, match="negative embeddings"):
         rollout(adapter, PROMPTS, cond=cond, **common)

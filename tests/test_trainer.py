@@ -1,6 +1,7 @@
 """GRPO trainer end to end on the tiny SD3 pipeline: it learns, it resumes exactly, it fails cleanly."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -147,7 +148,7 @@ def test_eval_subset_spreads_over_the_prompt_set():
         cat = world.parse_caption(caption).category
         counts[cat] = counts.get(cat, 0) + 1
     assert counts == {c: 4 for c in world.CATEGORIES}  # a prefix would hold only the first categories
-    assert evenly_spaced([1, 2, 3], 5) == [1, 2, 3]
+    assert evenly_spaced([1, 2, 3], 5) == [1, 2, 3, 1, 2]  # cycles: more images of a small held-out set
 
 
 def test_nearly_collapsed_steps_are_not_trained_and_no_exploring_step_is_an_error(tmp_path):
@@ -187,3 +188,20 @@ def test_renoise_evaluation_is_seeded_and_differs_from_the_ode(tmp_path):
     assert (a - ode.generate(PROMPTS, 3)).abs().mean() > 1e-3
     with pytest.raises(ValueError, match="eval_sampler"):
         _trainer(tmp_path / "bad", eval_sampler="sde")
+
+
+def test_untrained_renoise_rollouts_share_the_trained_step_and_differ_after(tmp_path):
+    """`untrained_sampler: renoise` changes only the steps training does not replay: the trained first step draws the
+    same noise as with the ODE rest, the re-noised steps after it do not follow the ODE, and training still runs."""
+    over = dict(sde_window=1, sde_window_max_start=0, max_steps=1)
+    ode = _trainer(tmp_path / "ode", **over).sample(0)
+    trainer = _trainer(tmp_path / "renoise", untrained_sampler="renoise", **over)
+    renoise = trainer.sample(0)
+    assert renoise.sde_mask.tolist() == [True, False, False, False]
+    assert torch.equal(renoise.latents[:, :2], ode.latents[:, :2])
+    assert (renoise.latents[:, 2] - ode.latents[:, 2]).abs().mean() > 1e-3
+    assert (renoise.log_probs[:, 1:] == 0).all()
+    records = trainer.train(progress=False)
+    assert records[-1]["step"] == 1 and math.isfinite(records[-1]["train/loss"])
+    with pytest.raises(ValueError, match="untrained_sampler"):
+        _trainer(tmp_path / "bad", untrained_sampler="sde")

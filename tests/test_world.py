@@ -164,8 +164,21 @@ def test_built_in_prompt_sets_resolve_and_unknown_ones_list_the_valid_names() ->
         assert all(w.is_held_out(s) == held_out for s in specs)
     train = load_prompts("shapes:train")
     assert not any(w.is_held_out(c) for c in train) and len(set(train)) == len(train) > len(w.CATEGORIES) * 40
-    with pytest.raises(ValueError, match="shapes:train, shapes:eval, shapes:train_eval"):
-        load_prompts("shapes:nope")
+    for cat in w.CATEGORIES:  # a category suffix keeps exactly that category's entries, in order
+        assert load_prompts(f"shapes:eval/{cat}") == [
+            c for c in load_prompts("shapes:eval") if w.parse_caption(c).category == cat
+        ]
+        assert {w.parse_caption(c).category for c in load_prompts(f"shapes:train/{cat}")} == {cat}
+    assert sum(len(load_prompts(f"shapes:train/{cat}")) for cat in w.CATEGORIES) == len(train)
+    balanced = load_prompts("shapes:train_balanced")  # every category equally often, every caption of it equally
+    assert set(balanced) == set(train)
+    per_cat = Counter(w.parse_caption(c).category for c in balanced)
+    assert len(set(per_cat.values())) == 1 and set(per_cat) == set(w.CATEGORIES)
+    for cat in w.CATEGORIES:
+        assert len(set(Counter(c for c in balanced if w.parse_caption(c).category == cat).values())) == 1
+    for bad in ("shapes:nope", "shapes:eval/colours"):
+        with pytest.raises(ValueError, match="shapes:train, shapes:train_balanced, .*single_object"):
+            load_prompts(bad)
 
 
 def test_held_out_pairs_never_occur_in_two_object_training_captions() -> None:

@@ -11,7 +11,8 @@ Decisions, stated once:
   the record gives ratio exactly 1.
 * **Generator consumption.** `rollout` draws the initial noise first (exactly as the pipeline's
   `prepare_latents`), then one fp32 standard normal of the full batch shape per stochastic step, in step order;
-  ODE steps draw nothing. A generator on another device than the latents (a CPU generator with CUDA latents) or a
+  ODE steps draw nothing; re-noising untrained steps (`untrained="renoise"`) draw one each, in the same order. A
+  generator on another device than the latents (a CPU generator with CUDA latents) or a
   list of per-sample generators is handled as diffusers' `randn_tensor` handles it.
 """
 
@@ -30,6 +31,7 @@ from flowalign.types import Conditioning, FlowAdapter, StepOutput, Trajectory
 __all__ = ["noise_stds", "replay_step", "rollout", "sample_step", "sde_mask", "sde_window", "window_starts"]
 
 Generator = torch.Generator | list[torch.Generator]
+UNTRAINED = ("ode", "renoise")  # how `rollout` runs the steps it does not record log-probs for
 
 
 def sde_mask(num_steps: int, sde_steps: Sequence[int] | None = None) -> Tensor:
@@ -176,6 +178,7 @@ def rollout(
     decode: bool = True,
     columns: dict[str, list] | None = None,
     negative_prompt: str = "",
+    untrained: str = "ode",
 ) -> Trajectory:
     """Samples B = len(prompts) trajectories and records everything needed to replay their log-probs.
 
@@ -188,7 +191,10 @@ def rollout(
             which reproduces the stock pipeline.
         sampler: "sde" (Flow-GRPO) or "cps" (coefficient-preserving) for the stochastic steps.
         sde_steps: indices of stochastic steps (default all but the last; see `sde_window` for Flow-GRPO-Fast);
-            the others are Euler steps.
+            their log-probs are recorded and they are the steps training replays.
+        untrained: how the other steps run: "ode" (Euler) or "renoise" (every one but the last re-noises the
+            predicted clean image to the next level, the cps step at a=1 = diffusers' `stochastic_sampling`). Their
+            log-prob is recorded as 0: they are not trained, only sampled the way the model is evaluated.
         generator: consumed for the initial noise (when `latents` is None), then once per stochastic step.
         latents: [B, ...] initial noise instead of drawing it.
         cond: precomputed encodings with B rows instead of encoding `prompts`.
@@ -206,6 +212,8 @@ def rollout(
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
     STEPS.get(sampler)  # unknown names fail here, listing the valid ones
+    if untrained not in UNTRAINED:
+        raise ValueError(f"untrained must be one of {', '.join(UNTRAINED)}, got {untrained!r}")
     mask = sde_mask(num_steps, sde_steps)
     columns = dict(columns or {})
     for name, values in columns.items():
@@ -227,21 +235,24 @@ def rollout(
     log_probs = torch.zeros(batch, num_steps, dtype=torch.float32, device=x.device)
     for k in range(num_steps):
         v = adapter.velocity(x, sigmas[k], cond, guidance_scale)
+        trained = bool(mask[k])
+        renoise = not trained and untrained == "renoise" and k < num_steps - 1
         out = sample_step(
-            sampler,
+            "cps" if renoise else sampler,
             v,
             x,
             sigmas[k],
             sigmas[k + 1],
-            noise_level=noise_level,
+            noise_level=1.0 if renoise else noise_level,
             sigma_max=sigmas[1],
-            stochastic=bool(mask[k]),
+            stochastic=trained or renoise,
             generator=generator,
             out_dtype=x.dtype,
         )
         x = out.prev_sample
         states.append(x)
-        log_probs[:, k] = out.log_prob
+        if trained:
+            log_probs[:, k] = out.log_prob
     images = adapter.decode(x) if decode else None
     return Trajectory(
         prompts=prompts,
