@@ -31,12 +31,31 @@ def test_main_job_runs_end_to_end_and_reports(tmp_path):
 
 @pytest.mark.slow
 def test_short_alignment_raises_held_out_partial_accuracy(tmp_path):
-    """Two seeds of a short run: each seed's gain must exceed the seed-to-seed spread of the final accuracy."""
+    """Two seeds of a short run, each seed's gain larger than the seed-to-seed spread of the final accuracy.
+
+    The run focuses on one category (the four two-object training captions) and is scored on that category's
+    held-out captions, the shape orders it never trains on, with 200 images (5 per entry, each its own noise; the
+    standard error of a partial mean is then ~2 points). Spread over all 530 training captions, the same 120 steps
+    stay within noise (README "Figures"): the budget buys ~1,900 samples per caption here, ~15 there. Measured:
+    56.8% -> 61.8% / 63.3% on 2 threads (45 min while other runs shared the machine), 66.8% / 67.8% in the same
+    runs at one thread each (float differences make a rerun at another thread count effectively another seed).
+    """
     gains, finals = [], []
     for seed in (0, 1):
-        s = train("shapes", max_steps=12, seed=seed, output_dir=str(tmp_path / f"s{seed}"), num_eval_prompts=96,
-                  eval_every=0, grid_prompts=0, progress=False)
+        s = train(
+            "shapes",
+            prompts="shapes:train/two_object",
+            eval_prompts="shapes:eval/two_object",
+            num_eval_prompts=200,
+            max_steps=120,
+            eval_every=0,
+            save_every=0,
+            grid_prompts=0,
+            seed=seed,
+            output_dir=str(tmp_path / f"s{seed}"),
+            progress=False,
+        )
         gains.append(s.final["eval/partial"] - s.base["eval/partial"])
         finals.append(s.final["eval/partial"])
     spread = abs(finals[0] - finals[1])
-    assert min(gains) > spread, (gains, finals)
+    assert min(gains) > max(spread, 0.03), (gains, finals)
