@@ -195,7 +195,8 @@ def rollout(
         untrained: how the other steps run: "ode" (Euler) or "renoise" (every one but the last re-noises the
             predicted clean image to the next level, the cps step at a=1 = diffusers' `stochastic_sampling`). Their
             log-prob is recorded as 0: they are not trained, only sampled the way the model is evaluated.
-        generator: consumed for the initial noise (when `latents` is None), then once per stochastic step.
+        generator: consumed for the initial noise (when `latents` is None), then once per stochastic or re-noised
+            step.
         latents: [B, ...] initial noise instead of drawing it.
         cond: precomputed encodings with B rows instead of encoding `prompts`.
         decode: also decode the final latents to `images`.
