@@ -164,12 +164,14 @@ def test_built_in_prompt_sets_resolve_and_unknown_ones_list_the_valid_names() ->
         assert all(w.is_held_out(s) == held_out for s in specs)
     train = load_prompts("shapes:train")
     assert not any(w.is_held_out(c) for c in train) and len(set(train)) == len(train) > len(w.CATEGORIES) * 40
-    for cat in w.CATEGORIES:  # a category suffix keeps exactly that category's entries, in order
-        assert load_prompts(f"shapes:eval/{cat}") == [
-            c for c in load_prompts("shapes:eval") if w.parse_caption(c).category == cat
-        ]
-        assert {w.parse_caption(c).category for c in load_prompts(f"shapes:train/{cat}")} == {cat}
-    assert sum(len(load_prompts(f"shapes:train/{cat}")) for cat in w.CATEGORIES) == len(train)
+    # A category suffix keeps that category's entries, in order: the lists are in category order, so the per-category
+    # sets laid end to end give the whole set back.
+    for split in ("train", "eval"):
+        parts = [load_prompts(f"shapes:{split}/{cat}") for cat in w.CATEGORIES]
+        assert [c for part in parts for c in part] == load_prompts(f"shapes:{split}")
+        for part, cat in zip(parts, w.CATEGORIES, strict=True):
+            assert {w.parse_caption(c).category for c in part} == {cat}
+    assert len(load_prompts("shapes:eval/counting")) == w.EVAL_PER_CATEGORY
     balanced = load_prompts("shapes:train_balanced")  # every category equally often, every caption of it equally
     assert set(balanced) == set(train)
     per_cat = Counter(w.parse_caption(c).category for c in balanced)
