@@ -72,6 +72,7 @@ class Trajectory:
     sampler: str  # "sde" | "cps"
     images: Tensor | None = None  # [B, 3, H, W] in [0, 1]
     columns: dict[str, list] = field(default_factory=dict)  # per-sample extras forwarded to rewards
+    untrained: str = "ode"  # how the untrained steps ran: "ode" (Euler) | "renoise" (stochastic, see rollout)
 
     @property
     def num_steps(self) -> int:

@@ -143,3 +143,45 @@ def test_completion_sigmas_keep_endpoints():
     sub = completion_sigmas(sig, 2, 3)
     assert sub[0] == sig[2] and sub[-1] == 0 and sub.numel() == 4
     assert torch.equal(completion_sigmas(sig, 2, None), sig[2:])
+
+
+def test_after_renoised_steps_r_n_is_the_deterministic_completion_not_the_rollout_image(sd3):
+    """With re-noised untrained steps after the window, every R_k (R_n too) is an ODE completion, so the last
+    increment measures the last SDE step and not the change of sampler."""
+    prompts = ["a red circle", "a blue square"]
+    traj = rollout(
+        sd3,
+        prompts,
+        num_steps=6,
+        guidance_scale=1.0,
+        noise_level=0.9,
+        sde_steps=[0, 1],
+        untrained="renoise",
+        generator=torch.Generator().manual_seed(5),
+    )
+    final = _reward(traj.images, prompts)
+    sr = step_rewards(sd3, traj, _reward, final)
+    assert sr.start_states == [0, 1, 2]
+    assert sr.values.shape == (2, 3) and sr.reward_calls == 2 * 4  # 3 completions + the rollout's own images
+    # Independent Euler integration from the state after the last SDE step.
+    x, s = traj.latents[:, 2], traj.sigmas
+    with torch.no_grad():
+        for k in range(2, 6):
+            x = x + (s[k + 1] - s[k]) * sd3.velocity(x, s[k], traj.cond, traj.guidance_scale)
+        ode_image = sd3.decode(x)
+    assert torch.allclose(sr.values[:, -1], _reward(ode_image, prompts), atol=1e-5)
+    assert not torch.allclose(sr.values[:, -1], final, atol=1e-4)  # the re-noised image is another image
+    # With Euler steps after the window the rollout's own image is that completion: no extra work.
+    ode_rest = rollout(
+        sd3,
+        prompts,
+        num_steps=6,
+        guidance_scale=1.0,
+        noise_level=0.9,
+        sde_steps=[0, 1],
+        latents=traj.latents[:, 0],
+        generator=torch.Generator().manual_seed(5),
+    )
+    sr_ode = step_rewards(sd3, ode_rest, _reward, _reward(ode_rest.images, prompts))
+    assert sr_ode.start_states == [0, 1] and sr_ode.reward_calls == 2 * 3
+    assert torch.equal(sr_ode.values[:, -1], _reward(ode_rest.images, prompts))

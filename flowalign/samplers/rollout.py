@@ -267,6 +267,7 @@ def rollout(
         sampler=sampler,
         images=images,
         columns=columns,
+        untrained=untrained,
     )
 
 

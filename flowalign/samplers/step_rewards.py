@@ -1,11 +1,15 @@
 """Step-level rewards R_0 .. R_n for TurningPoint-GRPO (arXiv 2602.06422; ALGORITHMS.md section 3).
 
 For a trajectory whose stochastic steps are s_0 < ... < s_{n-1}:
-  R_0 = reward of the image reached deterministically from the state *before* the first SDE step. The rollout's
-        steps before s_0 are ODE steps of the same policy, so that state lies on the pure-ODE path of the
-        trajectory's OWN initial noise (the released code draws fresh noise here; that is a bug we do not copy).
+  R_0 = reward of the image reached deterministically from the state *before* the first SDE step, the state the
+        rollout itself reached from the trajectory's OWN initial noise (the released code draws fresh noise
+        here; that is a bug we do not copy).
   R_k = reward of the deterministic completion (current policy, no grad) of the state after k SDE steps, 1<=k<n.
-  R_n = reward of the rollout's final image (no extra work).
+  R_n = reward of the rollout's final image (no extra work) when the steps after s_{n-1} were ODE steps, which
+        is then the deterministic completion of the state after the last SDE step. When they re-noised
+        (`Trajectory.untrained == "renoise"`), that state is completed deterministically like the others: every
+        R_k then comes from the same completion, so d_{n-1} measures the last SDE step and not the switch from
+        re-noised to ODE sampling (on the built-in model re-noising alone scores higher than the ODE).
 Two ways to complete a state x at sigma_j:
   "ode": integrate the ODE to sigma = 0 on the schedule's remaining sigmas (or `completion_steps` of them) and
          decode: sum over completions of (T - j) evaluations -> O(T^2) per trajectory.
@@ -32,7 +36,7 @@ class StepRewards:
     """R_0 .. R_n per trajectory and what computing them cost."""
 
     values: Tensor  # [B, n+1] fp32
-    start_states: list[int]  # n state indices j_0..j_{n-1} whose completions gave R_0..R_{n-1}
+    start_states: list[int]  # state indices whose completions gave R_0..R_{n-1} (and R_n after re-noised steps)
     model_evals: int  # per-sample velocity evaluations spent on completions (CFG pair counts once)
     reward_calls: int  # images scored, R_n included
 
@@ -86,8 +90,11 @@ def step_rewards(
     sde = torch.nonzero(traj.sde_mask).flatten().tolist()
     if not sde:
         raise ValueError("step rewards need at least one stochastic step in the trajectory")
-    # State index reached before the first SDE step, then after each SDE step but the last.
+    # State index reached before the first SDE step, then after each SDE step but the last (and after the last
+    # too when the rollout's rest was not deterministic, see the module doc).
     starts = [sde[0]] + [k + 1 for k in sde[:-1]]
+    if traj.untrained != "ode" and sde[-1] + 1 < traj.num_steps - 1:
+        starts.append(sde[-1] + 1)
     values = [None] * len(starts)
     evals = 0
     for i, j in enumerate(starts):
@@ -95,5 +102,7 @@ def step_rewards(
         final = complete(adapter, traj.latents[:, j], sig.to(traj.sigmas.device), traj, mode=mode)
         evals += len(traj.prompts) * (1 if mode == "x0" else sig.numel() - 1)
         values[i] = reward(adapter.decode(final), traj.prompts).detach().float().cpu()
-    values.append(final_rewards.detach().float().cpu())
-    return StepRewards(torch.stack(values, dim=1), starts, evals, len(traj.prompts) * (len(starts) + 1))
+    calls = len(traj.prompts) * (len(starts) + 1)  # the final images are scored either way
+    if len(starts) == len(sde):
+        values.append(final_rewards.detach().float().cpu())
+    return StepRewards(torch.stack(values, dim=1), starts, evals, calls)
