@@ -2,10 +2,14 @@
 
     python bench/credit_comparison.py --seeds 3 --reward-calls 2400 --out runs/credit
     python bench/credit_comparison.py --plot-only --out runs/credit     # redraw from the JSON
+    python bench/credit_comparison.py --out runs/credit --from-runs outcome=runs/o0,runs/o1 \
+        --from-runs turning_point=runs/t0,runs/t1      # compare training runs made separately (side by side)
 
 Writes <out>/credit_comparison.json (every run's curve, from `flowalign bench`) and credit_comparison.png:
-held-out strict accuracy vs reward calls and vs training seconds, mean ± std over seeds. Extra arguments are
-config overrides applied to every arm (e.g. --num-eval-prompts 48).
+held-out strict and partial accuracy vs reward calls and vs training seconds, mean ± std over seeds. Extra
+arguments are config overrides applied to every arm (e.g. --num-eval-prompts 48). With --from-runs nothing is
+trained: the arms are finished training runs (their own configs), for runs made in parallel at one thread each,
+whose seconds are comparable with each other.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flowalign.bench import run_bench
+from flowalign.bench import report_from_runs, run_bench
 from flowalign.cli import parse_overrides
 
 ARMS = {
@@ -27,29 +31,30 @@ ARMS = {
 }
 
 
-def plot(report: dict, path: Path, metric: str = "strict") -> None:
+def plot(report: dict, path: Path, metrics: tuple[str, ...] = ("strict", "partial")) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for name, arm in report["arms"].items():
-        curves = [r["curve"] for r in arm["runs"]]
-        for ax, x_key in zip(axes, ("reward_calls", "seconds"), strict=True):
-            # Interpolate each seed onto a common grid so mean and spread are well defined.
-            xmax = min(c[-1][x_key] for c in curves)
-            grid = np.linspace(0, xmax, 50)
-            ys = np.stack([np.interp(grid, [p[x_key] for p in c], [p[metric] for p in c]) for c in curves])
-            ax.plot(grid, ys.mean(0), label=name)
-            ax.fill_between(grid, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
-    axes[0].set_xlabel("reward calls")
-    axes[1].set_xlabel("training seconds (CPU)")
-    for ax in axes:
-        ax.set_ylabel(f"held-out {metric} accuracy")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"credit assignment on the shapes task ({report['seeds']} seeds, mean ± std)")
+    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.6 * len(metrics)), squeeze=False)
+    for row, metric in zip(axes, metrics, strict=True):
+        for name, arm in report["arms"].items():
+            curves = [r["curve"] for r in arm["runs"]]
+            for ax, x_key in zip(row, ("reward_calls", "seconds"), strict=True):
+                # Interpolate each seed onto a common grid so mean and spread are well defined.
+                xmax = min(c[-1][x_key] for c in curves)
+                grid = np.linspace(0, xmax, 50)
+                ys = np.stack([np.interp(grid, [p[x_key] for p in c], [p[metric] for p in c]) for c in curves])
+                ax.plot(grid, ys.mean(0), label=f"{name} ({len(curves)} seeds)")
+                ax.fill_between(grid, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
+        row[0].set_xlabel("reward calls")
+        row[1].set_xlabel("training seconds (CPU)")
+        for ax in row:
+            ax.set_ylabel(f"held-out {metric} accuracy")
+            ax.grid(alpha=0.3)
+    axes[0][0].legend()
+    fig.suptitle("credit assignment on the shapes task (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -62,10 +67,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--out", default="runs/credit")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--from-runs", action="append", default=[], metavar="ARM=DIR,DIR", help="finished runs")
     args, extra = parser.parse_known_args(argv)
     out = Path(args.out)
     path = out / "credit_comparison.json"
-    if not args.plot_only:
+    if args.from_runs:
+        report = {"config": args.config, "from_runs": True, "arms": {}}
+        for spec in args.from_runs:
+            name, sep, dirs = spec.partition("=")
+            if not sep or not dirs:
+                parser.error(f"--from-runs takes ARM=DIR[,DIR...], got {spec!r}")
+            try:
+                report["arms"][name] = report_from_runs(dirs.split(","))
+            except (FileNotFoundError, ValueError) as err:
+                parser.error(str(err))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+    elif not args.plot_only:
         report = {"config": args.config, "seeds": args.seeds, "budget_reward_calls": args.reward_calls, "arms": {}}
         for name in args.arms.split(","):
             over = {**parse_overrides(extra), **ARMS[name], "output_dir": str(out / name)}

@@ -31,6 +31,47 @@ def _curve(metrics_path: Path) -> list[dict[str, float]]:
     return curve
 
 
+def report_from_runs(
+    run_dirs: list[str | Path],
+    *,
+    config: str = "",
+    overrides: dict[str, Any] | None = None,
+    budget: dict | None = None,
+) -> dict[str, Any]:
+    """The bench report of finished training runs (each a directory with `metrics.jsonl` and `config.yaml`).
+
+    `run_bench` trains seeds one after another; runs made otherwise (side by side, on several machines) are
+    summarised here the same way. Every run must have evaluated at its first and last step."""
+    runs = []
+    for d in map(Path, run_dirs):
+        metrics = d / "metrics.jsonl"
+        if not metrics.is_file():
+            raise FileNotFoundError(f"{metrics} not found: pass the output_dir of a training run")
+        curve = _curve(metrics)
+        if not curve:
+            raise ValueError(f"{metrics} holds no evaluation: run with eval_every > 0")
+        runs.append({"seed": load_config(str(d / "config.yaml")).seed, "dir": str(d), "curve": curve})
+    finals = [r["curve"][-1] for r in runs]
+    keys = [k for k in finals[0] if isinstance(finals[0][k], (int, float))]
+    summary = {
+        k: {
+            "mean": statistics.fmean(f[k] for f in finals),
+            "std": statistics.pstdev(f[k] for f in finals) if len(finals) > 1 else 0.0,
+        }
+        for k in keys
+    }
+    initial = {k: statistics.fmean(r["curve"][0][k] for r in runs) for k in keys if k in runs[0]["curve"][0]}
+    return {
+        "config": config,
+        "overrides": overrides or {},
+        "budget": budget or {},
+        "seeds": len(runs),
+        "initial_mean": initial,
+        "final": summary,
+        "runs": runs,
+    }
+
+
 def run_bench(
     config: str,
     overrides: dict[str, Any] | None = None,
@@ -68,26 +109,9 @@ def run_bench(
             )
 
         trainer.train(progress=progress, stop=stop)
-        runs.append({"seed": seed, "curve": _curve(Path(cfg.output_dir) / "metrics.jsonl")})
-    finals = [r["curve"][-1] for r in runs]
-    keys = [k for k in finals[0] if isinstance(finals[0][k], (int, float))]
-    summary = {
-        k: {
-            "mean": statistics.fmean(f[k] for f in finals),
-            "std": statistics.pstdev(f[k] for f in finals) if len(finals) > 1 else 0.0,
-        }
-        for k in keys
-    }
-    initial = {k: statistics.fmean(r["curve"][0][k] for r in runs) for k in keys if k in runs[0]["curve"][0]}
-    report = {
-        "config": config,
-        "overrides": overrides,
-        "budget": {"steps": budget_steps, "reward_calls": budget_reward_calls, "seconds": budget_seconds},
-        "seeds": seeds,
-        "initial_mean": initial,
-        "final": summary,
-        "runs": runs,
-    }
+        runs.append(cfg.output_dir)
+    budget = {"steps": budget_steps, "reward_calls": budget_reward_calls, "seconds": budget_seconds}
+    report = report_from_runs(runs, config=config, overrides=overrides, budget=budget)
     path = Path(out) if out else root / "bench.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))

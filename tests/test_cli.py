@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -118,6 +119,25 @@ def test_cli_bench_stops_at_the_reward_call_budget(tmp_path):
         assert [p["step"] for p in run["curve"]] == [0, 1, 2, 3]
         assert all("reward_mean" in p and p["seconds"] >= 0 for p in run["curve"])
     assert report["final"]["reward_calls"]["mean"] == 12
+    # The credit comparison rebuilds the same report from the finished run directories, without training.
+    script = Path(__file__).parents[1] / "bench" / "credit_comparison.py"
+    runs = "b/seed0,b/seed1"
+    res = subprocess.run(
+        [sys.executable, str(script), "--out", "c", "--from-runs", f"outcome={runs}", "--from-runs", f"again={runs}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    compared = json.loads((tmp_path / "c" / "credit_comparison.json").read_text())
+    assert [r["curve"] for r in compared["arms"]["outcome"]["runs"]] == [r["curve"] for r in report["runs"]]
+    assert compared["arms"]["again"]["final"] == report["final"]
+    assert (tmp_path / "c" / "credit_comparison.png").stat().st_size > 0
+    res = subprocess.run(
+        [sys.executable, str(script), "--from-runs", "outcome=b/nowhere"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert res.returncode == 2 and "b/nowhere/metrics.jsonl not found" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_cli_artifact_train_is_wired(tmp_path):
