@@ -31,12 +31,19 @@ ARMS = {
 }
 
 
-def plot(report: dict, path: Path, metrics: tuple[str, ...] = ("strict", "partial")) -> None:
+def _metrics(report: dict) -> list[str]:
+    """The checker's accuracies when the evaluation reported them, else the evaluation's mean reward."""
+    first = next(iter(report["arms"].values()))["runs"][0]["curve"][0]
+    return [m for m in ("strict", "partial") if m in first] or ["reward_mean"]
+
+
+def plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = _metrics(report)
     fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.6 * len(metrics)), squeeze=False)
     for row, metric in zip(axes, metrics, strict=True):
         for name, arm in report["arms"].items():
@@ -57,6 +64,23 @@ def plot(report: dict, path: Path, metrics: tuple[str, ...] = ("strict", "partia
     fig.suptitle("credit assignment on the shapes task (mean ± std over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def at_equal_budget(report: dict) -> dict:
+    """Each arm's seed-mean accuracy (and spread) at the largest reward-call and second budgets every run reached,
+    interpolated linearly between its evaluations: the comparison at equal cost."""
+    out = {}
+    for x_key in ("reward_calls", "seconds"):
+        curves = {name: [r["curve"] for r in arm["runs"]] for name, arm in report["arms"].items()}
+        budget = min(c[-1][x_key] for cs in curves.values() for c in cs)
+        out[x_key] = {"budget": budget}
+        for name, cs in curves.items():
+            row = {}
+            for metric in _metrics(report):
+                ys = [float(np.interp(budget, [p[x_key] for p in c], [p[metric] for p in c])) for c in cs]
+                row[metric] = {"mean": float(np.mean(ys)), "min": min(ys), "max": max(ys)}
+            out[x_key][name] = row
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,10 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     plot(report, out / "credit_comparison.png")
     summary = {
         name: {
-            k: arm["final"][k] for k in ("strict", "partial", "reward_calls", "seconds", "step") if k in arm["final"]
+            k: arm["final"][k]
+            for k in ("strict", "partial", "reward_mean", "reward_calls", "seconds", "step")
+            if k in arm["final"]
         }
         for name, arm in report["arms"].items()
     }
+    summary["at_equal_budget"] = at_equal_budget(report)
     json.dump(summary, sys.stdout, indent=2)
     print()
     return 0

@@ -134,6 +134,12 @@ def test_cli_bench_stops_at_the_reward_call_budget(tmp_path):
     assert [r["curve"] for r in compared["arms"]["outcome"]["runs"]] == [r["curve"] for r in report["runs"]]
     assert compared["arms"]["again"]["final"] == report["final"]
     assert (tmp_path / "c" / "credit_comparison.png").stat().st_size > 0
+    # At equal cost: every run spent 12 reward calls, so the comparison there is the mean final evaluation.
+    equal = json.loads(res.stdout)["at_equal_budget"]["reward_calls"]
+    finals = [r["curve"][-1]["reward_mean"] for r in report["runs"]]
+    assert equal["budget"] == 12
+    assert equal["outcome"]["reward_mean"]["mean"] == pytest.approx(sum(finals) / 2)
+    assert equal["outcome"]["reward_mean"]["min"] == pytest.approx(min(finals))
     res = subprocess.run(
         [sys.executable, str(script), "--from-runs", "outcome=b/nowhere"], cwd=tmp_path, capture_output=True, text=True
     )
