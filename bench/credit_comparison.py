@@ -24,6 +24,7 @@ import numpy as np
 from flowalign.bench import report_from_runs, run_bench
 from flowalign.cli import parse_overrides
 
+X_KEYS = ("reward_calls", "seconds", "step")  # the costs arms are compared at
 ARMS = {
     "outcome": {"credit": "outcome"},
     "incremental": {"credit": "incremental", "step_reward_mode": "ode"},
@@ -44,11 +45,11 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     metrics = _metrics(report)
-    fig, axes = plt.subplots(len(metrics), 2, figsize=(10, 3.6 * len(metrics)), squeeze=False)
+    fig, axes = plt.subplots(len(metrics), 3, figsize=(14, 3.6 * len(metrics)), squeeze=False)
     for row, metric in zip(axes, metrics, strict=True):
         for name, arm in report["arms"].items():
             curves = [r["curve"] for r in arm["runs"]]
-            for ax, x_key in zip(row, ("reward_calls", "seconds"), strict=True):
+            for ax, x_key in zip(row, X_KEYS, strict=True):
                 # Interpolate each seed onto a common grid so mean and spread are well defined.
                 xmax = min(c[-1][x_key] for c in curves)
                 grid = np.linspace(0, xmax, 50)
@@ -57,6 +58,7 @@ def plot(report: dict, path: Path) -> None:
                 ax.fill_between(grid, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
         row[0].set_xlabel("reward calls")
         row[1].set_xlabel("training seconds (CPU)")
+        row[2].set_xlabel("steps (= trajectories / batch size, the same in every arm)")
         for ax in row:
             ax.set_ylabel(f"held-out {metric} accuracy")
             ax.grid(alpha=0.3)
@@ -67,10 +69,10 @@ def plot(report: dict, path: Path) -> None:
 
 
 def at_equal_budget(report: dict) -> dict:
-    """Each arm's seed-mean accuracy (and spread) at the largest reward-call and second budgets every run reached,
-    interpolated linearly between its evaluations: the comparison at equal cost."""
+    """Each arm's seed-mean accuracy (and spread) at the largest reward-call, second and step budgets every run
+    reached, interpolated linearly between its evaluations: the comparison at equal cost."""
     out = {}
-    for x_key in ("reward_calls", "seconds"):
+    for x_key in X_KEYS:
         curves = {name: [r["curve"] for r in arm["runs"]] for name, arm in report["arms"].items()}
         budget = min(c[-1][x_key] for cs in curves.values() for c in cs)
         out[x_key] = {"budget": budget}

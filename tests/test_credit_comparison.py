@@ -12,7 +12,11 @@ _spec.loader.exec_module(credit_comparison)
 
 
 def _run(points):
-    return {"curve": [{"reward_calls": x, "seconds": x / 10, "strict": y, "partial": 2 * y} for x, y in points]}
+    return {
+        "curve": [
+            {"reward_calls": x, "seconds": x / 10, "step": x / 5, "strict": y, "partial": 2 * y} for x, y in points
+        ]
+    }
 
 
 def test_arms_are_compared_at_the_budget_every_run_reached():
@@ -30,4 +34,5 @@ def test_arms_are_compared_at_the_budget_every_run_reached():
     assert (cheap["mean"], cheap["min"], cheap["max"]) == pytest.approx((0.3, 0.2, 0.4))
     assert calls["dear"]["strict"]["mean"] == pytest.approx(0.3)
     assert calls["dear"]["partial"]["mean"] == pytest.approx(0.6)
-    assert out["seconds"]["budget"] == pytest.approx(2.0)
+    assert out["seconds"]["budget"] == pytest.approx(2.0) and out["step"]["budget"] == pytest.approx(4.0)
+    assert out["step"]["dear"]["strict"]["mean"] == pytest.approx(0.3)
