@@ -56,6 +56,7 @@ def plot(report: dict, path: Path) -> None:
                 ys = np.stack([np.interp(grid, [p[x_key] for p in c], [p[metric] for p in c]) for c in curves])
                 ax.plot(grid, ys.mean(0), label=f"{name} ({len(curves)} seeds)")
                 ax.fill_between(grid, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
+        row[0].xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))  # no overlapping labels
         row[0].set_xlabel("reward calls")
         row[1].set_xlabel("training seconds (CPU)")
         row[2].set_xlabel("steps (= trajectories / batch size, the same in every arm)")
