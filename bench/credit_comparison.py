@@ -73,13 +73,14 @@ def at_equal_budget(report: dict) -> dict:
     """Each arm's seed-mean accuracy (and spread) at the largest reward-call, second and step budgets every run
     reached, interpolated linearly between its evaluations: the comparison at equal cost."""
     out = {}
+    curves = {name: [r["curve"] for r in arm["runs"]] for name, arm in report["arms"].items()}
+    metrics = _metrics(report)
     for x_key in X_KEYS:
-        curves = {name: [r["curve"] for r in arm["runs"]] for name, arm in report["arms"].items()}
         budget = min(c[-1][x_key] for cs in curves.values() for c in cs)
         out[x_key] = {"budget": budget}
         for name, cs in curves.items():
             row = {}
-            for metric in _metrics(report):
+            for metric in metrics:
                 ys = [float(np.interp(budget, [p[x_key] for p in c], [p[metric] for p in c])) for c in cs]
                 row[metric] = {"mean": float(np.mean(ys)), "min": min(ys), "max": max(ys)}
             out[x_key][name] = row
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     path = out / "credit_comparison.json"
     if args.from_runs:
-        report = {"config": args.config, "from_runs": True, "arms": {}}
+        report = {"from_runs": True, "arms": {}}
         for spec in args.from_runs:
             name, sep, dirs = spec.partition("=")
             if not sep or not dirs:

@@ -71,36 +71,28 @@ def _reward(images, prompts):
     return images.mean(dim=(1, 2, 3))
 
 
+PROMPTS = ["a red circle", "a blue square"]
+
+
+def _rollout(sd3, sde_steps, seed=None, **kw):
+    """Six steps of the tiny pipeline for two prompts, guidance 1; noise level 0.9 unless given."""
+    kw.setdefault("noise_level", 0.9)
+    gen = None if seed is None else torch.Generator().manual_seed(seed)
+    return rollout(sd3, PROMPTS, num_steps=6, guidance_scale=1.0, sde_steps=sde_steps, generator=gen, **kw)
+
+
 @pytest.mark.parametrize("window", [[0, 1, 2], [2, 3]])
 def test_r0_is_the_pure_ode_image_of_the_trajectorys_own_noise(sd3, window):
-    prompts = ["a red circle", "a blue square"]
-    traj = rollout(
-        sd3,
-        prompts,
-        num_steps=6,
-        guidance_scale=1.0,
-        noise_level=0.9,
-        sde_steps=window,
-        generator=torch.Generator().manual_seed(3),
-    )
+    prompts = PROMPTS
+    traj = _rollout(sd3, window, seed=3)
     torch.manual_seed(123)  # any global random draw inside step_rewards would change R_0 between the two calls
     r0_a = step_rewards(sd3, traj, _reward, _reward(traj.images, prompts)).values[:, 0]
     torch.manual_seed(456)
     r0_b = step_rewards(sd3, traj, _reward, _reward(traj.images, prompts)).values[:, 0]
-    ode = rollout(
-        sd3, prompts, num_steps=6, guidance_scale=1.0, noise_level=0.0, sde_steps=[], latents=traj.latents[:, 0]
-    )
+    ode = _rollout(sd3, [], noise_level=0.0, latents=traj.latents[:, 0])
     assert torch.equal(r0_a, r0_b)
     assert torch.allclose(r0_a, _reward(ode.images, prompts), atol=1e-6)
-    other = rollout(
-        sd3,
-        prompts,
-        num_steps=6,
-        guidance_scale=1.0,
-        noise_level=0.0,
-        sde_steps=[],
-        generator=torch.Generator().manual_seed(4),
-    )
+    other = _rollout(sd3, [], seed=4, noise_level=0.0)
     assert not torch.allclose(r0_a, _reward(other.images, prompts), atol=1e-6)
 
 
@@ -148,17 +140,8 @@ def test_completion_sigmas_keep_endpoints():
 def test_after_renoised_steps_r_n_is_the_deterministic_completion_not_the_rollout_image(sd3):
     """With re-noised untrained steps after the window, every R_k (R_n too) is an ODE completion, so the last
     increment measures the last SDE step and not the change of sampler."""
-    prompts = ["a red circle", "a blue square"]
-    traj = rollout(
-        sd3,
-        prompts,
-        num_steps=6,
-        guidance_scale=1.0,
-        noise_level=0.9,
-        sde_steps=[0, 1],
-        untrained="renoise",
-        generator=torch.Generator().manual_seed(5),
-    )
+    prompts = PROMPTS
+    traj = _rollout(sd3, [0, 1], seed=5, untrained="renoise")
     final = _reward(traj.images, prompts)
     sr = step_rewards(sd3, traj, _reward, final)
     assert sr.start_states == [0, 1, 2]
@@ -172,16 +155,7 @@ def test_after_renoised_steps_r_n_is_the_deterministic_completion_not_the_rollou
     assert torch.allclose(sr.values[:, -1], _reward(ode_image, prompts), atol=1e-5)
     assert not torch.allclose(sr.values[:, -1], final, atol=1e-4)  # the re-noised image is another image
     # With Euler steps after the window the rollout's own image is that completion: no extra work.
-    ode_rest = rollout(
-        sd3,
-        prompts,
-        num_steps=6,
-        guidance_scale=1.0,
-        noise_level=0.9,
-        sde_steps=[0, 1],
-        latents=traj.latents[:, 0],
-        generator=torch.Generator().manual_seed(5),
-    )
+    ode_rest = _rollout(sd3, [0, 1], seed=5, latents=traj.latents[:, 0])
     sr_ode = step_rewards(sd3, ode_rest, _reward, _reward(ode_rest.images, prompts))
     assert sr_ode.start_states == [0, 1] and sr_ode.reward_calls == 2 * 3
     assert torch.equal(sr_ode.values[:, -1], _reward(ode_rest.images, prompts))

@@ -90,11 +90,10 @@ def step_rewards(
     sde = torch.nonzero(traj.sde_mask).flatten().tolist()
     if not sde:
         raise ValueError("step rewards need at least one stochastic step in the trajectory")
-    # State index reached before the first SDE step, then after each SDE step but the last (and after the last
-    # too when the rollout's rest was not deterministic, see the module doc).
-    starts = [sde[0]] + [k + 1 for k in sde[:-1]]
-    if traj.untrained != "ode" and sde[-1] + 1 < traj.num_steps - 1:
-        starts.append(sde[-1] + 1)
+    # Re-noised steps after the last SDE step: R_n is then a completion too (see the module doc).
+    renoised_rest = traj.untrained != "ode" and sde[-1] + 1 < traj.num_steps - 1
+    # State index reached before the first SDE step, then after each SDE step but the last (and the last).
+    starts = [sde[0]] + [k + 1 for k in sde[:-1]] + ([sde[-1] + 1] if renoised_rest else [])
     values = [None] * len(starts)
     evals = 0
     for i, j in enumerate(starts):
@@ -103,6 +102,6 @@ def step_rewards(
         evals += len(traj.prompts) * (1 if mode == "x0" else sig.numel() - 1)
         values[i] = reward(adapter.decode(final), traj.prompts).detach().float().cpu()
     calls = len(traj.prompts) * (len(starts) + 1)  # the final images are scored either way
-    if len(starts) == len(sde):
+    if not renoised_rest:
         values.append(final_rewards.detach().float().cpu())
     return StepRewards(torch.stack(values, dim=1), starts, evals, calls)
