@@ -129,7 +129,7 @@ def test_shipped_model_scores_within_its_card_range() -> None:
 
 def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path) -> None:
     """The pretraining script end to end for a few steps, with the non-default options a GPU run would use (patch 8
-    here to stay fast): the saved pipeline loads through `from_pretrained` with that architecture, and its card
+    here to stay fast) and torch.compile: the saved pipeline loads through `from_pretrained` with that architecture, and its card
     and sidecar record the run and the command that reproduces it."""
     from diffusers import StableDiffusion3Pipeline
 
@@ -137,7 +137,7 @@ def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path) -> None:
 
     out, runs = tmp_path / "out", tmp_path / "runs"
     args = ["--out", str(out), "--runs", str(runs), "--steps", "3", "--vae-steps", "2", "--device", "cpu"]
-    args += ["--patch-size", "8", "--width", "64", "--layers", "1", "--no-sweep"]
+    args += ["--patch-size", "8", "--width", "64", "--layers", "1", "--no-sweep", "--compile"]
     threads = torch.get_num_threads()
     try:
         pretrain.main(args + ["--num-steps", "2", "--eval-seeds", "0", "--threads", "1"])
@@ -150,7 +150,8 @@ def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path) -> None:
     side = json.loads((out / "flowalign.json").read_text())
     t = side["pretraining"]
     assert t["steps"] == 3
-    assert t["command"].endswith("--steps 3 --seed 0 --patch-size 8 --width 64 --layers 1")
+    assert t["compile"] is True
+    assert t["command"].endswith("--steps 3 --seed 0 --compile --patch-size 8 --width 64 --layers 1")
     assert side["eval"]["n"] == len(world.eval_captions())
     card = (out / "README.md").read_text()
     assert "patch 8 on 32×32×3 pixels (16 image tokens)" in card

@@ -224,7 +224,7 @@ def write_card(out: Path, info: dict[str, Any]) -> None:
             f"{'on' if s['stochastic_sampling'] else 'off'} |",
         ]
     )
-    precision = "bf16 autocast" if t.get("bf16", True) else "fp32"
+    precision = ("bf16 autocast" if t.get("bf16", True) else "fp32") + (", torch.compile" if t.get("compile") else "")
     sampler_text = (
         "with the scheduler's `stochastic_sampling` **on** (saved in `scheduler/scheduler_config.json`, so "
         "`pipe(...)` samples this way without being told): each step re-noises the predicted clean image to the next "
@@ -376,6 +376,9 @@ def main(argv: list[str] | None = None) -> None:
     # The shipped weights were trained with bf16 autocast, so it stays the default; on this 2-core CPU, fp32
     # (--no-bf16) is faster at this model size (195 vs 138 samples/s in isolation).
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (transformer)")
+    # torch.compile fuses the many small ops of this tiny transformer: on the 2-core CPU, fp32 training went from
+    # 210 to 245 samples/s (bf16: 188 to 204), after ~30 s of compiling. Off by default: the shipped run was eager.
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer's training forward")
     p.add_argument("--num-steps", type=int, default=20, help="steps of checkpoint evals (and final, --no-sweep)")
     p.add_argument("--guidance", type=float, default=4.0, help="guidance of checkpoint evals (and final, --no-sweep)")
     p.add_argument("--eval-seeds", type=int, nargs="+", default=[0, 1])
@@ -433,6 +436,7 @@ def main(argv: list[str] | None = None) -> None:
         lr=args.lr,
         betas=(0.9, 0.99),
     )
+    forward = torch.compile(model) if args.compile else model  # shares the parameters; the EMA copy stays eager
     n_params = sum(q.numel() for q in model.parameters())
     log.info("transformer %.2fM params; %d train captions; batch %d", n_params / 1e6, len(captions), args.batch_size)
 
@@ -475,7 +479,7 @@ def main(argv: list[str] | None = None) -> None:
         x_t = (1 - s) * x0 + s * noise
         target = noise - x0
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            pred = model(
+            pred = forward(
                 hidden_states=x_t,
                 encoder_hidden_states=cond[ids],
                 pooled_projections=pooled[ids],
@@ -525,6 +529,7 @@ def main(argv: list[str] | None = None) -> None:
         "final_loss": loss_avg,
         "threads": args.threads,
         "bf16": args.bf16,
+        "compile": args.compile,
         "hardware": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"{platform.processor() or platform.machine()} ({os.cpu_count()} visible cores)",
@@ -534,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
         + (f"--steps {args.steps}" if args.steps else f"--minutes {args.minutes:g}")
         + f" --seed {args.seed}"
         + ("" if args.bf16 else " --no-bf16")
+        + (" --compile" if args.compile else "")
         + "".join(
             f" --{k.replace('_', '-')} {getattr(args, k)}"
             for k in ("patch_size", "width", "layers")
