@@ -32,7 +32,7 @@ def plot_metrics(run_dir: str | Path, path: str | Path | None = None) -> Path:
     keys = [k for k in ("eval/strict", "eval/partial", "eval/reward_mean") if evals and k in evals[0]]
     for key in keys[:2] if "eval/strict" in keys else keys[-1:]:
         axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key)
-    axes[1].set_title("held-out evaluation (deterministic samples)")
+    axes[1].set_title("held-out evaluation (fixed-seed samples)")
     axes[2].set_title("training diagnostics")
     for ax in axes:
         ax.set_xlabel("step")

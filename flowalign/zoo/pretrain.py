@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--width", type=int, default=sm.WIDTH, help="transformer width (a multiple of 32)")
     p.add_argument("--layers", type=int, default=sm.LAYERS, help="transformer joint blocks")
     # The shipped weights were trained with bf16 autocast, so it stays the default; on this 2-core CPU, fp32
-    # (--no-bf16) is faster at this model size (195 vs 138 samples/s in isolation).
+    # (--no-bf16) is faster at this model size (eager: 210 vs 188 samples/s in isolation).
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (transformer)")
     # torch.compile fuses the many small ops of this tiny transformer: on the 2-core CPU, fp32 training went from
     # 210 to 245 samples/s (bf16: 188 to 204), after ~30 s of compiling. Off by default: the shipped run was eager.
