@@ -127,14 +127,23 @@ def test_shipped_model_scores_within_its_card_range() -> None:
         assert abs(res[key] - card[key]) <= tol, (key, res[key], card[key], tol, json.dumps(res))
 
 
-def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path) -> None:
+def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path, monkeypatch) -> None:
     """The pretraining script end to end for a few steps, with the non-default options a GPU run would use (patch 8
-    here to stay fast) and torch.compile: the saved pipeline loads through `from_pretrained` with that architecture, and its card
-    and sidecar record the run and the command that reproduces it."""
+    here to stay fast) and `--compile`: every training step runs through the compiled forward, the saved pipeline
+    loads through `from_pretrained` with that architecture, and its card and sidecar record the run and the command
+    that reproduces it."""
     from diffusers import StableDiffusion3Pipeline
 
     from flowalign.zoo import pretrain
 
+    compiled_calls = []
+    real_compile = torch.compile
+
+    def spy_compile(module, *a, **kw):
+        fn = real_compile(module, *a, **kw)
+        return lambda *args, **kwargs: compiled_calls.append(1) or fn(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "compile", spy_compile)
     out, runs = tmp_path / "out", tmp_path / "runs"
     args = ["--out", str(out), "--runs", str(runs), "--steps", "3", "--vae-steps", "2", "--device", "cpu"]
     args += ["--patch-size", "8", "--width", "64", "--layers", "1", "--no-sweep", "--compile"]
@@ -150,11 +159,12 @@ def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path) -> None:
     side = json.loads((out / "flowalign.json").read_text())
     t = side["pretraining"]
     assert t["steps"] == 3
-    assert t["compile"] is True
+    assert len(compiled_calls) == 3  # one compiled forward per training step
     assert t["command"].endswith("--steps 3 --seed 0 --compile --patch-size 8 --width 64 --layers 1")
     assert side["eval"]["n"] == len(world.eval_captions())
     card = (out / "README.md").read_text()
     assert "patch 8 on 32×32×3 pixels (16 image tokens)" in card
+    assert "bf16 autocast, torch.compile" in card
     assert len(list(runs.glob("transformer_step*.safetensors"))) == 1
 
 
