@@ -54,7 +54,7 @@ def plot(report: dict, path: Path) -> None:
                 xmax = min(c[-1][x_key] for c in curves)
                 grid = np.linspace(0, xmax, 50)
                 ys = np.stack([np.interp(grid, [p[x_key] for p in c], [p[metric] for p in c]) for c in curves])
-                ax.plot(grid, ys.mean(0), label=f"{name} ({len(curves)} seeds)")
+                ax.plot(grid, ys.mean(0), label=f"{name} ({len(curves)} seed{'s' if len(curves) != 1 else ''})")
                 ax.fill_between(grid, ys.mean(0) - ys.std(0), ys.mean(0) + ys.std(0), alpha=0.2)
         row[0].xaxis.set_major_formatter(plt.FuncFormatter(lambda x, _: f"{x / 1000:g}k"))  # no overlapping labels
         row[0].set_xlabel("reward calls")
