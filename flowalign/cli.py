@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flowalign.config import field_names
+from flowalign.config import bool_field_names, field_names
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
-    """`--key value`, `--key=value` (dashes or underscores) -> {key: "value"}; types are coerced by the config."""
+    """`--key value`, `--key=value` (dashes or underscores) -> {key: "value"}; types are coerced by the config.
+
+    An on/off key may stand alone: `--key` sets it true, `--no-key` false."""
+    flags = bool_field_names()
     out: dict[str, Any] = {}
     i = 0
     while i < len(tokens):
@@ -22,9 +25,12 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             raise ValueError(f"unexpected argument {tok!r}; config overrides look like --key value")
         key, eq, value = tok[2:].partition("=")
         key = key.replace("-", "_")
-        if not eq:
-            if i + 1 >= len(tokens) or tokens[i + 1].startswith("--"):
-                raise ValueError(f"--{key} needs a value")
+        alone = not eq and (i + 1 >= len(tokens) or tokens[i + 1].startswith("--"))
+        if alone and (key in flags or (key.startswith("no_") and key[3:] in flags)):
+            key, value = (key, "true") if key in flags else (key[3:], "false")
+        elif not eq:
+            if alone:
+                raise ValueError(f"{tok} needs a value")
             value = tokens[i + 1]
             i += 1
         if key == "reward" and value.lstrip().startswith(("[", "{")):

@@ -134,6 +134,12 @@ def field_names() -> list[str]:
     return [f.name for f in fields(TrainConfig)]
 
 
+def bool_field_names() -> set[str]:
+    """The on/off keys: the command line accepts `--key` and `--no-key` for them."""
+    hints = typing.get_type_hints(TrainConfig)
+    return {name for name in field_names() if hints[name] is bool}
+
+
 def _unknown_key_error(key: str) -> ValueError:
     close = difflib.get_close_matches(key, field_names(), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""

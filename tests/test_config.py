@@ -55,3 +55,16 @@ def test_override_parser_errors():
         parse_overrides(["--max-steps"])
     with pytest.raises(ValueError, match="unexpected argument"):
         parse_overrides(["oops"])
+
+
+def test_on_off_keys_stand_alone_on_the_command_line():
+    """`--key` / `--no-key` for boolean keys reach the config as true / false; other keys still need a value."""
+    over = parse_overrides(["--no-credit-constrained", "--group-shared-noise", "--max-steps", "3"])
+    assert over == {"credit_constrained": "false", "group_shared_noise": "true", "max_steps": "3"}
+    cfg = load_config("shapes", over)
+    assert cfg.credit_constrained is False and cfg.group_shared_noise is True and cfg.max_steps == 3
+    assert load_config("shapes").credit_constrained is True  # the default the flag turned off
+    with pytest.raises(ValueError, match="--no-max-steps needs a value"):
+        parse_overrides(["--no-max-steps"])  # not an on/off key, so not a negation
+    with pytest.raises(ValueError, match="--seed needs a value"):
+        parse_overrides(["--seed", "--no-credit-constrained"])
