@@ -25,14 +25,16 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
             raise ValueError(f"unexpected argument {tok!r}; config overrides look like --key value")
         key, eq, value = tok[2:].partition("=")
         key = key.replace("-", "_")
-        alone = not eq and (i + 1 >= len(tokens) or tokens[i + 1].startswith("--"))
-        if alone and (key in flags or (key.startswith("no_") and key[3:] in flags)):
-            key, value = (key, "true") if key in flags else (key[3:], "false")
-        elif not eq:
-            if alone:
+        if not eq:
+            if i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+                value = tokens[i + 1]
+                i += 1
+            elif key in flags:
+                value = "true"
+            elif key.startswith("no_") and key[3:] in flags:
+                key, value = key[3:], "false"
+            else:
                 raise ValueError(f"{tok} needs a value")
-            value = tokens[i + 1]
-            i += 1
         if key == "reward" and value.lstrip().startswith(("[", "{")):
             import yaml
 
