@@ -44,12 +44,18 @@ def test_short_alignment_raises_held_out_partial_accuracy(tmp_path):
     args = ["train", "shapes", "--prompts", "shapes:train/two_object", "--eval-prompts", "shapes:eval/two_object",
             "--num-eval-prompts", "200", "--learning-rate", "2.5e-4", "--max-steps", "480", "--eval-every", "120",
             "--save-every", "0", "--grid-prompts", "0", "--no-progress"]
-    logs = [tmp_path / f"s{seed}.log" for seed in (0, 1)]  # files, not pipes: a full pipe would stall a run
-    runs = [subprocess.Popen([sys.executable, "-m", "flowalign.cli", *args, "--seed", str(seed), "--output-dir",
-                              str(tmp_path / f"s{seed}")], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-            for seed, log in zip((0, 1), logs, strict=True)]
-    for run, log in zip(runs, logs, strict=True):
-        assert run.wait(timeout=3 * 3600) == 0, log.read_text()[-3000:]
+    runs = []
+    try:
+        for seed in (0, 1):
+            with (tmp_path / f"s{seed}.log").open("w") as log:  # a file, not a pipe: a full pipe would stall a run
+                runs.append(subprocess.Popen([sys.executable, "-m", "flowalign.cli", *args, "--seed", str(seed),
+                                              "--output-dir", str(tmp_path / f"s{seed}")], env=env, stdout=log,
+                                             stderr=subprocess.STDOUT))
+        for seed, run in enumerate(runs):
+            assert run.wait(timeout=3 * 3600) == 0, (tmp_path / f"s{seed}.log").read_text()[-3000:]
+    finally:
+        for run in runs:  # a failed or timed-out seed must not leave the other running for an hour
+            run.kill()
     summaries = [json.loads((tmp_path / f"s{seed}" / "summary.json").read_text()) for seed in (0, 1)]
     gains = [s["final"]["eval/partial"] - s["base"]["eval/partial"] for s in summaries]
     finals = [s["final"]["eval/partial"] for s in summaries]
