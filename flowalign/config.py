@@ -71,6 +71,9 @@ class TrainConfig:
     lora_rank: int = 16  # 0 = full fine-tuning
     lora_alpha: float | None = None  # None = lora_rank
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    # >0: the LoRA acts only at noise levels sigma >= this, the base model below (flowalign.lora_window). Set it
+    # to cover the trained window, so the untrained low-noise steps cannot drift unsteered. 0 = every step.
+    lora_min_sigma: float = 0.0
     learning_rate: float = 3e-4
     weight_decay: float = 1e-4
     adam_betas: tuple[float, float] = (0.9, 0.999)
@@ -111,6 +114,8 @@ class TrainConfig:
             )
         if self.min_noise_std < 0:
             raise ValueError(f"min_noise_std must be >= 0, got {self.min_noise_std}")
+        if not 0 <= self.lora_min_sigma <= 1 or (self.lora_min_sigma > 0 and self.lora_rank <= 0):
+            raise ValueError(f"lora_min_sigma must be in [0, 1] and needs lora_rank > 0, got {self.lora_min_sigma}")
         if self.sde_window >= self.num_steps:
             raise ValueError(f"sde_window ({self.sde_window}) must be < num_steps ({self.num_steps}); 0 = all steps")
         for name, allowed in {

@@ -154,6 +154,18 @@ class GRPOTrainer:
                 f"sampler={cfg.sampler!r}, noise_level={cfg.noise_level}); raise noise_level, move the window "
                 "earlier or lower min_noise_std"
             )
+        if cfg.lora_min_sigma > 0:
+            sigmas = adapter.sigmas(cfg.num_steps)
+            trainable = {k for s in starts for k in range(s, s + size) if self.explores[k]}
+            below = [round(float(sigmas[k]), 4) for k in sorted(trainable) if sigmas[k] < cfg.lora_min_sigma]
+            if below:  # the LoRA would be off there: the step's log-prob could not depend on what is trained
+                raise ValueError(
+                    f"lora_min_sigma={cfg.lora_min_sigma} switches the LoRA off at trained steps (sigma {below}); "
+                    "lower it to the trained window's last sigma or narrow the window (sde_window)"
+                )
+            from flowalign.lora_window import limit_lora
+
+            limit_lora(transformer, cfg.lora_min_sigma, adapter.timestep_per_sigma)
 
     # ----------------------------------------------------------------------------------------- sampling
     def _sde_steps(self, step: int) -> list[int]:

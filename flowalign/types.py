@@ -116,6 +116,7 @@ class FlowAdapter(Protocol):
 
     pipe: object
     transformer: torch.nn.Module
+    timestep_per_sigma: float  # the transformer's `timestep` argument is sigma times this
 
     def encode(self, prompts: list[str], guidance_scale: float, negative_prompt: str = "") -> Conditioning:
         """Text encodings for `prompts`; with CFG (`guidance_scale > 1` for true-CFG families) also the

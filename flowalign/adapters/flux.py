@@ -63,6 +63,7 @@ class FluxAdapter:
         if self.height % step or self.width % step:
             raise ValueError(f"height and width must be multiples of {step} (VAE factor x 2x2 packing)")
         self.num_train_timesteps: int = pipe.scheduler.config.num_train_timesteps
+        self.timestep_per_sigma: float = self.num_train_timesteps / 1000  # FLUX's transformer takes timestep / 1000
         # The pipeline draws latents in the prompt embeddings' dtype: T5's output cast to T5's dtype.
         encoder = pipe.text_encoder_2 if pipe.text_encoder_2 is not None else pipe.transformer
         self.dtype: torch.dtype = encoder.dtype

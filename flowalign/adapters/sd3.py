@@ -60,6 +60,7 @@ class SD3Adapter:
         if self.height % step or self.width % step:
             raise ValueError(f"height and width must be multiples of {step} (VAE factor x patch size)")
         self.num_train_timesteps: int = pipe.scheduler.config.num_train_timesteps
+        self.timestep_per_sigma: float = float(self.num_train_timesteps)  # the transformer's timestep = sigma * this
         # The pipeline draws latents in the prompt embeddings' dtype, which is the CLIP encoder's dtype.
         encoder = pipe.text_encoder if pipe.text_encoder is not None else pipe.transformer
         self.dtype: torch.dtype = encoder.dtype
