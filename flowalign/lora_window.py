@@ -18,13 +18,14 @@ import torch
 from torch.utils.hooks import RemovableHandle
 
 
-def _adapters_enabled(transformer: torch.nn.Module) -> bool:
+def _lora_layer(transformer: torch.nn.Module):
+    """One of the transformer's LoRA layers: its `disable_adapters` flag says whether the adapter is on."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     layer = next((m for m in transformer.modules() if isinstance(m, BaseTunerLayer)), None)
     if layer is None:
         raise ValueError("limit_lora needs a transformer with a LoRA adapter (transformer.add_adapter(...))")
-    return not layer.disable_adapters
+    return layer
 
 
 def limit_lora(transformer: torch.nn.Module, min_sigma: float, timestep_per_sigma: float) -> Callable[[], None]:
@@ -37,7 +38,7 @@ def limit_lora(transformer: torch.nn.Module, min_sigma: float, timestep_per_sigm
     """
     if not 0 < min_sigma <= 1:
         raise ValueError(f"min_sigma must be in (0, 1], got {min_sigma}")
-    _adapters_enabled(transformer)  # fails early, with the fix, when there is no adapter
+    layer = _lora_layer(transformer)  # found once (not per call); fails early, with the fix, without an adapter
     gated: list[bool] = []  # one entry per call in flight: did this call switch the adapter off?
 
     def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
@@ -48,7 +49,7 @@ def limit_lora(transformer: torch.nn.Module, min_sigma: float, timestep_per_sigm
         low = torch.as_tensor(t).float().flatten() / timestep_per_sigma < min_sigma
         if bool(low.any()) != bool(low.all()):
             raise ValueError(f"limit_lora: one call mixes noise levels on both sides of min_sigma={min_sigma}")
-        switch = bool(low.all()) and _adapters_enabled(module)  # an outer disable (the KL reference) stays
+        switch = bool(low.all()) and not layer.disable_adapters  # an outer disable (the KL reference) stays
         if switch:
             module.disable_adapters()
             gated[-1] = True

@@ -246,3 +246,38 @@ def tiny_flux_pipeline(seed: int = 0, sample_size: int = 16, *, dtype: torch.dty
     )
     pipe.default_sample_size = sample_size  # FLUX's default is 128 (1024 px); keep the tiny default tiny
     return _finish(pipe, dtype)
+
+
+def tiny_trainer(output_dir, prompts: list[str], reward=None, **over):
+    """A `GRPOTrainer` on the tiny SD3 pipeline with settings small enough for a unit test (a 4-step schedule
+    1, 0.86, 0.60, 0.009, 0; LoRA rank 8; brightness reward); `over` replaces any config field."""
+    from flowalign.adapters import adapter_for
+    from flowalign.config import make_config
+    from flowalign.trainer import GRPOTrainer
+    from rewards.simple import brightness
+
+    values = dict(
+        model="tiny",
+        prompts="unused",
+        eval_prompts="unused",
+        num_steps=4,
+        eval_num_steps=4,
+        guidance_scale=1.0,
+        noise_level=0.9,
+        prompts_per_step=2,
+        group_size=4,
+        train_batch_size=4,
+        lora_rank=8,
+        learning_rate=3e-2,
+        clip_range=1.0,
+        max_steps=4,
+        save_every=2,
+        eval_every=0,
+        num_eval_prompts=4,
+        output_dir=str(output_dir),
+        device="cpu",
+        grid_prompts=0,
+    )
+    values.update(over)
+    adapter = adapter_for(tiny_sd3_pipeline(seed=0), max_sequence_length=8)
+    return GRPOTrainer(make_config(values), adapter, reward or brightness(), prompts, prompts)

@@ -5,12 +5,10 @@ import torch
 from peft import LoraConfig
 
 from flowalign.adapters import adapter_for
-from flowalign.config import make_config
 from flowalign.lora_window import limit_lora
 from flowalign.samplers.rollout import replay_step
-from flowalign.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+from flowalign.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_trainer
 from flowalign.trainer import GRPOTrainer
-from rewards.simple import brightness
 
 PROMPTS = ["a red circle", "two blue squares"]
 
@@ -102,35 +100,8 @@ def _lora_on(pipe) -> bool:
 
 
 def _trainer(tmp_path, **over) -> GRPOTrainer:
-    values = dict(
-        model="tiny",
-        prompts="unused",
-        eval_prompts="unused",
-        num_steps=4,
-        eval_num_steps=4,
-        guidance_scale=1.0,
-        noise_level=0.9,
-        sampler="cps",
-        prompts_per_step=2,
-        group_size=4,
-        train_batch_size=4,
-        lora_rank=8,
-        learning_rate=3e-2,
-        clip_range=1.0,
-        max_steps=2,
-        save_every=0,
-        eval_every=0,
-        num_eval_prompts=2,
-        output_dir=str(tmp_path),
-        device="cpu",
-        grid_prompts=0,
-        sde_window=2,
-        sde_window_max_start=0,
-        lora_min_sigma=0.7,
-    )
-    values.update(over)
-    adapter = adapter_for(tiny_sd3_pipeline(seed=0), max_sequence_length=8)
-    return GRPOTrainer(make_config(values), adapter, brightness(), PROMPTS, PROMPTS)
+    gated = dict(sampler="cps", max_steps=2, save_every=0, sde_window=2, sde_window_max_start=0, lora_min_sigma=0.7)
+    return tiny_trainer(tmp_path, PROMPTS, **{**gated, **over})
 
 
 def test_gated_training_replays_its_log_probs_and_leaves_the_untrained_steps_to_the_base(tmp_path):

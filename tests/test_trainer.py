@@ -6,42 +6,14 @@ import math
 import pytest
 import torch
 
-from flowalign.adapters import adapter_for
-from flowalign.config import make_config
-from flowalign.testing import tiny_sd3_pipeline
+from flowalign.testing import tiny_trainer
 from flowalign.trainer import GRPOTrainer, RewardError
-from rewards.simple import brightness
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "two yellow circles"]
 
 
 def _trainer(tmp_path, reward=None, **over) -> GRPOTrainer:
-    values = dict(
-        model="tiny",
-        prompts="unused",
-        eval_prompts="unused",
-        num_steps=4,
-        eval_num_steps=4,
-        guidance_scale=1.0,
-        noise_level=0.9,
-        prompts_per_step=2,
-        group_size=4,
-        train_batch_size=4,
-        lora_rank=8,
-        learning_rate=3e-2,
-        clip_range=1.0,
-        max_steps=4,
-        save_every=2,
-        eval_every=0,
-        num_eval_prompts=4,
-        output_dir=str(tmp_path),
-        device="cpu",
-        grid_prompts=0,
-    )
-    values.update(over)
-    cfg = make_config(values)
-    adapter = adapter_for(tiny_sd3_pipeline(seed=0), max_sequence_length=8)
-    return GRPOTrainer(cfg, adapter, reward or brightness(), PROMPTS, PROMPTS)
+    return tiny_trainer(tmp_path, PROMPTS, reward, **over)
 
 
 def _eval_brightness(trainer: GRPOTrainer, seeds=range(4)) -> torch.Tensor:
