@@ -27,6 +27,7 @@ from torch import Tensor
 
 from flowalign import credit as credit_lib
 from flowalign.config import TrainConfig, to_yaml
+from flowalign.lora_window import limit_lora
 from flowalign.losses import policy_step_loss
 from flowalign.samplers.rollout import noise_stds, replay_step, rollout, sde_window, window_starts
 from flowalign.samplers.step_rewards import step_rewards
@@ -143,7 +144,8 @@ class GRPOTrainer:
         )
         self.ema = {n: p.detach().clone() for n, p in self.params.items()} if cfg.ema_decay > 0 else None
         # Steps whose Gaussian is wide enough to explore (see `TrainConfig.min_noise_std`); the others run ODE.
-        stds = noise_stds(cfg.sampler, adapter.sigmas(cfg.num_steps), cfg.noise_level)
+        sigmas = adapter.sigmas(cfg.num_steps)
+        stds = noise_stds(cfg.sampler, sigmas, cfg.noise_level)
         self.explores = [bool(s >= cfg.min_noise_std) for s in stds[:-1]] + [False]
         starts = window_starts(cfg.num_steps, cfg.sde_window, cfg.sde_window_max_start) if cfg.sde_window else [0]
         size = cfg.sde_window or cfg.num_steps
@@ -155,7 +157,6 @@ class GRPOTrainer:
                 "earlier or lower min_noise_std"
             )
         if cfg.lora_min_sigma > 0:
-            sigmas = adapter.sigmas(cfg.num_steps)
             trainable = {k for s in starts for k in range(s, s + size) if self.explores[k]}
             below = [round(float(sigmas[k]), 4) for k in sorted(trainable) if sigmas[k] < cfg.lora_min_sigma]
             if below:  # the LoRA would be off there: the step's log-prob could not depend on what is trained
@@ -163,8 +164,6 @@ class GRPOTrainer:
                     f"lora_min_sigma={cfg.lora_min_sigma} switches the LoRA off at trained steps (sigma {below}); "
                     "lower it to the trained window's last sigma or narrow the window (sde_window)"
                 )
-            from flowalign.lora_window import limit_lora
-
             limit_lora(transformer, cfg.lora_min_sigma, adapter.timestep_per_sigma)
 
     # ----------------------------------------------------------------------------------------- sampling
