@@ -118,14 +118,18 @@ class GRPOTrainer:
         if cfg.lora_rank > 0:
             from peft import LoraConfig
 
-            transformer.add_adapter(
-                LoraConfig(
-                    r=cfg.lora_rank,
-                    lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                    init_lora_weights="gaussian",
-                    target_modules=list(cfg.lora_targets),
+            # PEFT draws A from the global RNG, which nothing seeds once weights load from disk: seeded here, so
+            # `seed` fixes the run and every process starts from the same A (gradients are averaged, not weights).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_seed(cfg.seed, 5))
+                transformer.add_adapter(
+                    LoraConfig(
+                        r=cfg.lora_rank,
+                        lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                        init_lora_weights="gaussian",
+                        target_modules=list(cfg.lora_targets),
+                    )
                 )
-            )
             # PEFT's gaussian init still zeros B, so the run starts exactly at the base model.
         else:
             if cfg.kl_beta > 0:
