@@ -92,6 +92,22 @@ def test_lora_init_is_fixed_by_seed_alone(tmp_path, monkeypatch):
     assert not any(torch.equal(a.params[n], c.params[n]) for n in lora_a)
 
 
+def test_two_processes_start_from_one_init_and_stay_equal(tmp_path):
+    """Processes average gradients, not weights: started from different LoRA inits they would silently diverge."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("_two_process_run.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    for key in ("start", "end"):
+        assert all(torch.equal(r0[key][n], r1[key][n]) for n in r0[key]), key
+    assert any(not torch.equal(r0["start"][n], r0["end"][n]) for n in r0["end"]), "the run must have trained"
+
+
 def test_nan_reward_names_reward_and_step_and_keeps_checkpoint(tmp_path):
     calls = {"n": 0}
 
