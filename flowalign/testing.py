@@ -248,9 +248,12 @@ def tiny_flux_pipeline(seed: int = 0, sample_size: int = 16, *, dtype: torch.dty
     return _finish(pipe, dtype)
 
 
-def tiny_trainer(output_dir, prompts: list[str], reward=None, **over):
+def tiny_trainer(output_dir, prompts: list[str], reward=None, *, rng_after_load: int | None = None, **over):
     """A `GRPOTrainer` on the tiny SD3 pipeline with settings small enough for a unit test (a 4-step schedule
-    1, 0.86, 0.60, 0.009, 0; LoRA rank 8; brightness reward); `over` replaces any config field."""
+    1, 0.86, 0.60, 0.009, 0; LoRA rank 8; brightness reward); `over` replaces any config field.
+
+    Building the tiny pipeline seeds the global RNG; loading real weights leaves it wherever it was.
+    `rng_after_load` reseeds it after the build to stand for that arbitrary state."""
     from flowalign.adapters import adapter_for
     from flowalign.config import make_config
     from flowalign.trainer import GRPOTrainer
@@ -279,5 +282,8 @@ def tiny_trainer(output_dir, prompts: list[str], reward=None, **over):
         grid_prompts=0,
     )
     values.update(over)
-    adapter = adapter_for(tiny_sd3_pipeline(seed=0), max_sequence_length=8)
+    pipe = tiny_sd3_pipeline(seed=0)
+    if rng_after_load is not None:
+        torch.manual_seed(rng_after_load)
+    adapter = adapter_for(pipe, max_sequence_length=8)
     return GRPOTrainer(make_config(values), adapter, reward or brightness(), prompts, prompts)

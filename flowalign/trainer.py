@@ -120,7 +120,7 @@ class GRPOTrainer:
 
             # PEFT draws A from the global RNG, which nothing seeds once weights load from disk: seeded here, so
             # `seed` fixes the run and every process starts from the same A (gradients are averaged, not weights).
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng():  # the caller's CPU and CUDA generators are left as they were
                 torch.manual_seed(_seed(cfg.seed, 5))
                 transformer.add_adapter(
                     LoraConfig(

@@ -7,22 +7,12 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
-import flowalign.testing as testing
+from flowalign.testing import tiny_trainer
 
 rank = PartialState(cpu=True).process_index
-build = testing.tiny_sd3_pipeline
-
-
-def loaded_from_disk(seed: int = 0):
-    pipe = build(seed=seed)
-    torch.manual_seed(1000 + rank)
-    return pipe
-
-
-testing.tiny_sd3_pipeline = loaded_from_disk
 out = Path(sys.argv[1])
 prompts = ["a red circle", "a blue square", "a green triangle", "two yellow circles"]
-trainer = testing.tiny_trainer(out, prompts, max_steps=2, save_every=0)
+trainer = tiny_trainer(out, prompts, rng_after_load=1000 + rank, max_steps=2, save_every=0)
 start = {n: p.detach().clone() for n, p in trainer.params.items()}
 trainer.train(progress=False)
 torch.save({"start": start, "end": trainer.trainable_state()}, out / f"rank{rank}.pt")

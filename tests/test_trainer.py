@@ -69,24 +69,14 @@ def test_resume_is_exact(tmp_path):
     assert final_a["eval/reward_mean"] == final_b["eval/reward_mean"]
 
 
-def test_lora_init_is_fixed_by_seed_alone(tmp_path, monkeypatch):
+def test_lora_init_is_fixed_by_seed_alone(tmp_path):
     """Real weights load from disk without touching the global RNG, so the LoRA's A must be drawn from `seed`:
     otherwise two runs with one seed (or two processes of one run) start from different weights."""
-    import flowalign.testing as testing
-
-    build = testing.tiny_sd3_pipeline
-    draws = iter([1, 2, 3])
-
-    def loaded_from_disk(seed=0):  # the RNG state a loaded checkpoint leaves behind: anything
-        pipe = build(seed=seed)
-        torch.manual_seed(next(draws))
-        return pipe
-
-    monkeypatch.setattr(testing, "tiny_sd3_pipeline", loaded_from_disk)
-    a, b = _trainer(tmp_path / "a", seed=7), _trainer(tmp_path / "b", seed=7)
-    c = _trainer(tmp_path / "c", seed=8)
+    a = _trainer(tmp_path / "a", seed=7, rng_after_load=1)
+    b = _trainer(tmp_path / "b", seed=7, rng_after_load=2)
+    c = _trainer(tmp_path / "c", seed=8, rng_after_load=3)
     now = torch.random.get_rng_state()
-    assert torch.equal(now, torch.manual_seed(3).get_state()), "the LoRA init must not move the global RNG"
+    assert torch.equal(now, torch.manual_seed(3).get_state()), "building the trainer must not move the global RNG"
     lora_a = [n for n in a.params if "lora_A" in n]
     assert lora_a and all(torch.equal(a.params[n], b.params[n]) for n in a.params)
     assert not any(torch.equal(a.params[n], c.params[n]) for n in lora_a)
