@@ -117,16 +117,18 @@ def write_summary_and_grid(trainer: GRPOTrainer) -> RunSummary:
     final = {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
     grid = None
     n = min(trainer.cfg.grid_prompts, len(trainer.eval_prompts))
-    if n and trainer.accelerator.is_main_process:
+    if n:  # every process: generation is shared out over them
         prompts = evenly_spaced(trainer.eval_prompts, n)
         aligned = trainer.generate(prompts, trainer.cfg.eval_seed)
         with trainer.reference_policy():
             base_imgs = trainer.generate(prompts, trainer.cfg.eval_seed)
-        scores = {
-            "base": trainer.score(base_imgs, prompts).total.tolist(),
-            "aligned": trainer.score(aligned, prompts).total.tolist(),
-        }
-        grid = str(comparison_grid({"base": base_imgs, "aligned": aligned}, prompts, out / "grid.png", scores=scores))
+        grid = str(out / "grid.png")
+        if trainer.accelerator.is_main_process:
+            scores = {
+                "base": trainer.score(base_imgs, prompts).total.tolist(),
+                "aligned": trainer.score(aligned, prompts).total.tolist(),
+            }
+            comparison_grid({"base": base_imgs, "aligned": aligned}, prompts, Path(grid), scores=scores)
     summary = RunSummary(str(out), trainer.step, base, final, grid)
     if trainer.accelerator.is_main_process:
         from flowalign.plots import plot_metrics

@@ -92,6 +92,8 @@ class TrainConfig:
     save_every: int = 25  # checkpoint every N steps (and at the end)
     eval_every: int = 25  # evaluate every N steps (and at start and end); 0 = only start and end
     eval_seed: int = 1234
+    eval_batch_size: int = 64  # images per evaluation batch; each batch is seeded by (eval_seed, its start), and the
+    # batches are shared out over processes, so evaluation is the same on 1 or N processes (not across batch sizes)
     grid_prompts: int = 8  # prompts in the before/after grid (0 = no grid)
     device: str | None = None  # None = accelerate's choice
 
@@ -112,6 +114,8 @@ class TrainConfig:
                 f"train_batch_size ({self.train_batch_size}) must divide "
                 f"prompts_per_step*group_size ({self.batch_size})"
             )
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.min_noise_std < 0:
             raise ValueError(f"min_noise_std must be >= 0, got {self.min_noise_std}")
         if not 0 <= self.lora_min_sigma <= 1 or (self.lora_min_sigma > 0 and self.lora_rank <= 0):

@@ -373,31 +373,44 @@ class GRPOTrainer:
                 p.data.copy_(backup[n])
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[str], seed: int, batch_size: int = 64) -> Tensor:
-        """Images for `prompts` at the evaluation settings (`eval_sampler`), a function of `seed`; [N,3,H,W] on CPU."""
+    def _generate_batch(self, prompts: Sequence[str], seed: int) -> Tensor:
         cfg = self.cfg
         guidance = cfg.eval_guidance_scale if cfg.eval_guidance_scale is not None else cfg.guidance_scale
         self.adapter.transformer.eval()
-        images = []
-        for start in range(0, len(prompts), batch_size):
-            chunk = list(prompts[start : start + batch_size])
-            gen = torch.Generator(device="cpu").manual_seed(_seed(seed, start))
-            with self.ema_weights(), self.accelerator.autocast():
-                traj = rollout(
-                    self.adapter,
-                    chunk,
-                    num_steps=cfg.eval_num_steps,
-                    guidance_scale=guidance,
-                    noise_level=0.0,
-                    sde_steps=[],
-                    generator=gen,
-                    untrained=cfg.eval_sampler,
-                )
-            images.append(traj.images.float().cpu())
-        return torch.cat(images)
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        with self.ema_weights(), self.accelerator.autocast():
+            traj = rollout(
+                self.adapter,
+                list(prompts),
+                num_steps=cfg.eval_num_steps,
+                guidance_scale=guidance,
+                noise_level=0.0,
+                sde_steps=[],
+                generator=gen,
+                untrained=cfg.eval_sampler,
+            )
+        return traj.images.float().cpu()
+
+    def generate(self, prompts: Sequence[str], seed: int) -> Tensor:
+        """Images for `prompts` at the evaluation settings (`eval_sampler`), [N,3,H,W] on CPU on every process.
+
+        Batch k of `eval_batch_size` is seeded by (seed, its start) and made by process k mod num_processes, so N
+        processes draw what one does, N times faster. A collective: every process must call it."""
+        size, acc = self.cfg.eval_batch_size, self.accelerator
+        starts = range(0, len(prompts), size)
+        mine = {
+            a: self._generate_batch(prompts[a : a + size], _seed(seed, a))
+            for a in starts[acc.process_index :: acc.num_processes]
+        }
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            mine = {a: images for part in gather_object([mine]) for a, images in part.items()}
+        return torch.cat([mine[a] for a in starts])
 
     def evaluate(self) -> dict[str, float]:
-        """Reward (and evaluator metrics) of seeded samples (`eval_sampler`) on the fixed evaluation prompts."""
+        """Reward (and evaluator metrics) of seeded samples (`eval_sampler`) on the fixed evaluation prompts. The
+        processes share the generation; every process scores the whole set, as one process would."""
         if not self.eval_prompts:
             return {}
         t0 = time.perf_counter()
@@ -547,4 +560,5 @@ class GRPOTrainer:
                 self.save()
             if last:
                 break
+        self.accelerator.wait_for_everyone()  # the log and checkpoint are complete before any process reads them
         return records

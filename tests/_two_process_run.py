@@ -1,5 +1,9 @@
-"""One rank of a 2-process CPU run (`torch.distributed.run`) for `test_trainer.py`: each rank's weight loading leaves
-its global RNG in another state, as real loading does; saves the rank's LoRA weights at start and end."""
+"""One rank of a 2-process CPU run (`torch.distributed.run`) for `test_trainer.py`. Each rank's weight loading leaves
+its global RNG in another state, as real loading does. Three runs of the tiny trainer, evaluating every step in
+batches of one image (so the ranks share out the four evaluation images):
+- `full`: 3 steps, then the summary and grid (every rank calls it, as the CLI does);
+- `resumed`: 2 steps, then a new trainer resumes from its checkpoint to step 3.
+Saves, per rank, the LoRA weights at the start and end of each run and the images `generate` gives every rank."""
 
 import sys
 from pathlib import Path
@@ -7,12 +11,30 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 
+from flowalign.api import write_summary_and_grid
 from flowalign.testing import tiny_trainer
 
 rank = PartialState(cpu=True).process_index
 out = Path(sys.argv[1])
 prompts = ["a red circle", "a blue square", "a green triangle", "two yellow circles"]
-trainer = tiny_trainer(out, prompts, rng_after_load=1000 + rank, max_steps=2, save_every=0)
-start = {n: p.detach().clone() for n, p in trainer.params.items()}
-trainer.train(progress=False)
-torch.save({"start": start, "end": trainer.trainable_state()}, out / f"rank{rank}.pt")
+settings = dict(save_every=1, eval_every=1, eval_batch_size=1)
+
+
+def trainer(name: str, max_steps: int, **over):
+    return tiny_trainer(out / name, prompts, rng_after_load=1000 + rank, max_steps=max_steps, **settings, **over)
+
+
+full = trainer("full", 3, grid_prompts=2)
+start = {n: p.detach().clone() for n, p in full.params.items()}
+full.train(progress=False)
+write_summary_and_grid(full)
+trainer("resumed", 2).train(progress=False)
+resumed = trainer("resumed", 3)
+resumed.train(resume=out / "resumed" / "checkpoints", progress=False)
+result = {
+    "start": start,
+    "end": full.trainable_state(),
+    "resumed": resumed.trainable_state(),
+    "images": full.generate(prompts, seed=7),
+}
+torch.save(result, out / f"rank{rank}.pt")

@@ -82,8 +82,9 @@ def test_lora_init_is_fixed_by_seed_alone(tmp_path):
     assert not any(torch.equal(a.params[n], c.params[n]) for n in lora_a)
 
 
-def test_two_processes_start_from_one_init_and_stay_equal(tmp_path):
-    """Processes average gradients, not weights: started from different LoRA inits they would silently diverge."""
+def test_two_processes_train_resume_and_evaluate_as_one_run(tmp_path):
+    """Processes average gradients, not weights: from different LoRA inits they would silently diverge. Only the
+    main process writes the log and checkpoints, which the others then read; evaluation is shared out by batch."""
     import subprocess
     import sys
     from pathlib import Path
@@ -93,9 +94,25 @@ def test_two_processes_start_from_one_init_and_stay_equal(tmp_path):
     done = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for key in ("start", "end"):
+    for key in ("start", "end", "resumed"):
         assert all(torch.equal(r0[key][n], r1[key][n]) for n in r0[key]), key
     assert any(not torch.equal(r0["start"][n], r0["end"][n]) for n in r0["end"]), "the run must have trained"
+    assert all(torch.equal(r0["end"][n], r0["resumed"][n]) for n in r0["end"]), "resume must replay the run"
+
+    logs = {
+        d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        for d in ("full", "resumed")
+    }
+    assert [r["step"] for r in logs["full"]] == [0, 1, 2, 3], "one line per step, written once"
+    assert _strip_times(logs["full"]) == _strip_times(logs["resumed"])
+    assert (tmp_path / "full" / "grid.png").exists() and (tmp_path / "full" / "summary.json").exists()
+
+    # One process, the same weights: the same images and evaluation as the two processes shared out.
+    one = _trainer(tmp_path / "one", eval_batch_size=1, max_steps=3)
+    one.load(tmp_path / "full" / "checkpoints")
+    assert torch.equal(r0["images"], r1["images"])
+    torch.testing.assert_close(one.generate(PROMPTS, seed=7), r0["images"], rtol=0, atol=1e-5)
+    assert one.evaluate()["eval/reward_mean"] == pytest.approx(logs["full"][-1]["eval/reward_mean"], abs=1e-5)
 
 
 def test_nan_reward_names_reward_and_step_and_keeps_checkpoint(tmp_path):
