@@ -18,10 +18,11 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_tim
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from flowalign.adapters.base import PipelineAdapter
 from flowalign.types import Conditioning
 
 
-class FluxAdapter:
+class FluxAdapter(PipelineAdapter):
     """Wraps a `FluxPipeline` (which stays usable as is).
 
     Args:
@@ -45,41 +46,17 @@ class FluxAdapter:
         width: int | None = None,
         true_cfg_scale: float = 1.0,
     ) -> None:
-        if not isinstance(pipe, FluxPipeline):
-            raise ValueError(f"FluxAdapter needs a FluxPipeline, got {type(pipe).__name__}")
-        if not 0 < max_sequence_length <= 512:
-            raise ValueError(
-                f"max_sequence_length must be in 1..512 (the pipeline's limit), got {max_sequence_length}"
-            )
-        self.pipe = pipe
-        self.max_sequence_length = max_sequence_length
+        super().__init__(pipe, max_sequence_length)
         self.true_cfg_scale = float(true_cfg_scale)
         config = pipe.transformer.config  # read once: a peft wrapper need not expose `.config`
         self.latent_channels: int = config.in_channels // 4
         self.guidance_embeds: bool = bool(config.guidance_embeds)
-        self.height = height or pipe.default_sample_size * pipe.vae_scale_factor
-        self.width = width or pipe.default_sample_size * pipe.vae_scale_factor
-        step = pipe.vae_scale_factor * 2
-        if self.height % step or self.width % step:
-            raise ValueError(f"height and width must be multiples of {step} (VAE factor x 2x2 packing)")
-        self.num_train_timesteps: int = pipe.scheduler.config.num_train_timesteps
+        multiple = pipe.vae_scale_factor * 2
+        self.height, self.width = self._image_size(height, width, multiple, "VAE factor x 2x2 packing")
         self.timestep_per_sigma: float = self.num_train_timesteps / 1000  # FLUX's transformer takes timestep / 1000
         # The pipeline draws latents in the prompt embeddings' dtype: T5's output cast to T5's dtype.
         encoder = pipe.text_encoder_2 if pipe.text_encoder_2 is not None else pipe.transformer
         self.dtype: torch.dtype = encoder.dtype
-
-    # -- the FlowAdapter protocol ----------------------------------------------------------------------------------
-    @property
-    def transformer(self) -> torch.nn.Module:
-        return self.pipe.transformer
-
-    @transformer.setter
-    def transformer(self, module: torch.nn.Module) -> None:
-        self.pipe.transformer = module
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe._execution_device
 
     @property
     def _latent_hw(self) -> tuple[int, int]:

@@ -16,10 +16,11 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import c
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor
 
+from flowalign.adapters.base import PipelineAdapter
 from flowalign.types import Conditioning
 
 
-class SD3Adapter:
+class SD3Adapter(PipelineAdapter):
     """Wraps a `StableDiffusion3Pipeline` (which stays usable as is).
 
     Args:
@@ -42,41 +43,17 @@ class SD3Adapter:
         height: int | None = None,
         width: int | None = None,
     ) -> None:
-        if not isinstance(pipe, StableDiffusion3Pipeline):
-            raise ValueError(f"SD3Adapter needs a StableDiffusion3Pipeline, got {type(pipe).__name__}")
-        if not 0 < max_sequence_length <= 512:
-            raise ValueError(
-                f"max_sequence_length must be in 1..512 (the pipeline's limit), got {max_sequence_length}"
-            )
-        self.pipe = pipe
-        self.max_sequence_length = max_sequence_length
+        super().__init__(pipe, max_sequence_length)
         # Config values read once: a peft wrapper around the transformer need not expose `.config`.
         config = pipe.transformer.config
         self.in_channels: int = config.in_channels
         self.patch_size: int = config.patch_size
-        self.height = height or pipe.default_sample_size * pipe.vae_scale_factor
-        self.width = width or pipe.default_sample_size * pipe.vae_scale_factor
-        step = pipe.vae_scale_factor * self.patch_size
-        if self.height % step or self.width % step:
-            raise ValueError(f"height and width must be multiples of {step} (VAE factor x patch size)")
-        self.num_train_timesteps: int = pipe.scheduler.config.num_train_timesteps
+        multiple = pipe.vae_scale_factor * self.patch_size
+        self.height, self.width = self._image_size(height, width, multiple, "VAE factor x patch size")
         self.timestep_per_sigma: float = float(self.num_train_timesteps)  # the transformer's timestep = sigma * this
         # The pipeline draws latents in the prompt embeddings' dtype, which is the CLIP encoder's dtype.
         encoder = pipe.text_encoder if pipe.text_encoder is not None else pipe.transformer
         self.dtype: torch.dtype = encoder.dtype
-
-    # -- the FlowAdapter protocol ----------------------------------------------------------------------------------
-    @property
-    def transformer(self) -> torch.nn.Module:
-        return self.pipe.transformer
-
-    @transformer.setter
-    def transformer(self, module: torch.nn.Module) -> None:
-        self.pipe.transformer = module
-
-    @property
-    def device(self) -> torch.device:
-        return self.pipe._execution_device
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
