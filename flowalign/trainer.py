@@ -488,6 +488,13 @@ class GRPOTrainer:
             lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.step]
             path.write_text("".join(ln + "\n" for ln in lines))
 
+    def _anywhere(self, flag: bool) -> bool:
+        """True on every process if it is true on any: a budget read from per-process timings must stop all at once,
+        or the others would wait forever for the stopped one's gradients."""
+        if self.accelerator.num_processes == 1:
+            return bool(flag)
+        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum") > 0)
+
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         traj = self.sample(step)
@@ -549,7 +556,9 @@ class GRPOTrainer:
         for step in bar:
             metrics = self.train_step(step)
             self.step = step + 1
-            last = self.step == cfg.max_steps or (stop is not None and stop({"step": self.step, **metrics}))
+            last = self.step == cfg.max_steps or (
+                stop is not None and self._anywhere(stop({"step": self.step, **metrics}))
+            )
             if cfg.eval_every and self.step % cfg.eval_every == 0 or last:
                 metrics.update(self.evaluate())
             rec = {"step": self.step, **metrics}

@@ -2,7 +2,8 @@
 its global RNG in another state, as real loading does. Three runs of the tiny trainer, evaluating every step in
 batches of one image (so the ranks share out the four evaluation images):
 - `full`: 3 steps, then the summary and grid (every rank calls it, as the CLI does);
-- `resumed`: 2 steps, then a new trainer resumes from its checkpoint to step 3.
+- `resumed`: 2 steps, then a new trainer resumes from its checkpoint to step 3;
+- `stopped`: up to 4 steps, with a stop condition that only the second process meets, at step 2.
 Saves, per rank, the LoRA weights at the start and end of each run and the images `generate` gives every rank."""
 
 import sys
@@ -31,7 +32,11 @@ write_summary_and_grid(full)
 trainer("resumed", 2).train(progress=False)
 resumed = trainer("resumed", 3)
 resumed.train(resume=out / "resumed" / "checkpoints", progress=False)
+# A stop condition true on one process only (as a seconds budget may be) must stop both, not leave one waiting.
+stopped = trainer("stopped", 4)
+stopped.train(progress=False, stop=lambda rec: rank == 1 and rec["step"] >= 2)
 result = {
+    "stopped_at": stopped.step,
     "start": start,
     "end": full.trainable_state(),
     "resumed": resumed.trainable_state(),

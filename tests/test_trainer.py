@@ -91,13 +91,14 @@ def test_two_processes_train_resume_and_evaluate_as_one_run(tmp_path):
 
     script = Path(__file__).with_name("_two_process_run.py")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    done = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=600)
+    done = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=300)  # a hang fails
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for key in ("start", "end", "resumed"):
         assert all(torch.equal(r0[key][n], r1[key][n]) for n in r0[key]), key
     assert any(not torch.equal(r0["start"][n], r0["end"][n]) for n in r0["end"]), "the run must have trained"
     assert all(torch.equal(r0["end"][n], r0["resumed"][n]) for n in r0["end"]), "resume must replay the run"
+    assert r0["stopped_at"] == r1["stopped_at"] == 2, "a stop on any process stops all"
 
     logs = {
         d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
