@@ -118,17 +118,16 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
         trainer.load(ckpt)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = {}
-    for i in range(args.n):
-        images = trainer.generate(prompts, args.seed + i)  # shared out over processes; the main one writes
-        rows[f"seed {args.seed + i}"] = images
-        for j, img in enumerate(images if trainer.accelerator.is_main_process else []):
-            arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            from PIL import Image
-
-            Image.fromarray(arr).save(out / f"{j:03d}_seed{args.seed + i}.png")
+    seeds = range(args.seed, args.seed + args.n)
+    rows = {f"seed {s}": trainer.generate(prompts, s) for s in seeds}  # shared out over processes; the main one writes
     if not trainer.accelerator.is_main_process:
         return 0
+    from PIL import Image
+
+    for s, images in zip(seeds, rows.values(), strict=True):
+        for j, img in enumerate(images):
+            arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+            Image.fromarray(arr).save(out / f"{j:03d}_seed{s}.png")
     comparison_grid(rows, prompts, out / "grid.png")
     print(f"wrote {len(prompts) * args.n} images and grid.png to {out}")
     return 0

@@ -395,7 +395,7 @@ class GRPOTrainer:
         """Images for `prompts` at the evaluation settings (`eval_sampler`), [N,3,H,W] on CPU on every process.
 
         Batch k of `eval_batch_size` is seeded by (seed, its start) and made by process k mod num_processes, so N
-        processes draw what one does, N times faster. A collective: every process must call it."""
+        processes draw what one does and share the work. A collective: every process must call it."""
         size, acc = self.cfg.eval_batch_size, self.accelerator
         starts = range(0, len(prompts), size)
         mine = {
@@ -488,13 +488,6 @@ class GRPOTrainer:
             lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.step]
             path.write_text("".join(ln + "\n" for ln in lines))
 
-    def _anywhere(self, flag: bool) -> bool:
-        """True on every process if it is true on any: a budget read from per-process timings must stop all at once,
-        or the others would wait forever for the stopped one's gradients."""
-        if self.accelerator.num_processes == 1:
-            return bool(flag)
-        return bool(self.accelerator.reduce(torch.tensor([float(flag)], device=self.device), reduction="sum") > 0)
-
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         traj = self.sample(step)
@@ -556,9 +549,10 @@ class GRPOTrainer:
         for step in bar:
             metrics = self.train_step(step)
             self.step = step + 1
-            last = self.step == cfg.max_steps or (
-                stop is not None and self._anywhere(stop({"step": self.step, **metrics}))
-            )
+            if stop is not None and stop({"step": self.step, **metrics}):
+                self.accelerator.set_trigger()
+            # A stop met on any process (a budget of per-process seconds) stops all: else they wait for its gradients.
+            last = self.step == cfg.max_steps or (stop is not None and self.accelerator.check_trigger())
             if cfg.eval_every and self.step % cfg.eval_every == 0 or last:
                 metrics.update(self.evaluate())
             rec = {"step": self.step, **metrics}

@@ -18,6 +18,11 @@ def test_group_size_below_two_is_refused():
         make_config({"group_size": 1})
 
 
+def test_eval_batch_size_below_one_is_refused():
+    with pytest.raises(ValueError, match="eval_batch_size must be >= 1"):
+        make_config({"eval_batch_size": 0})
+
+
 def test_overrides_are_coerced_and_win_over_preset():
     assert "shapes" in preset_names()
     cfg = load_config(
