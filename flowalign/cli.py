@@ -66,12 +66,35 @@ def banner(trainer) -> str:
     return "\n".join(lines)
 
 
+def _with_se(metrics: dict[str, float], key: str) -> str:
+    se = metrics.get(_se_key(key))
+    return f"{metrics.get(key, float('nan')):.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+
+def _se_key(key: str) -> str:
+    return "eval/reward_se" if key == "eval/reward_mean" else key + "_se"
+
+
+def _metric_keys(metrics: dict[str, float]) -> list[str]:
+    """The accuracies/rewards to show: not timings, sample counts ("eval/n", "eval/<category>/n") or errors."""
+    return [k for k in metrics if not k.startswith(("eval/time", "time/")) and not k.endswith(("/n", "_se"))]
+
+
 def _table(base: dict[str, float], final: dict[str, float]) -> str:
-    # timings and sample counts ("eval/n", "eval/<category>/n") are not accuracies
-    keys = [k for k in (base or final) if k in final and not k.startswith("eval/time") and not k.endswith("/n")]
-    rows = [f"  {'metric':32s} {'base':>8s} {'aligned':>8s}"]
+    """Base vs aligned, each ± its standard error, and the change, called noise when under two standard errors.
+
+    The standard errors are the evaluation's (which images were drawn: the two draws share their seeds, so this
+    is conservative); a retrained seed varies more (README: the main job's seed-to-seed spread)."""
+    keys = [k for k in _metric_keys(base or final) if k in final]
+    rows = [f"  {'metric':26s} {'base':>15s}  {'aligned':>15s}  {'change':>15s}"]
     for k in keys:
-        rows.append(f"  {k.removeprefix('eval/'):32s} {base.get(k, float('nan')):8.3f} {final[k]:8.3f}")
+        change = final[k] - base.get(k, float("nan"))
+        cell = f"{change:+.3f}"
+        if _se_key(k) in base and _se_key(k) in final:
+            se = (base[_se_key(k)] ** 2 + final[_se_key(k)] ** 2) ** 0.5
+            noise = change != 0 and abs(change) < 2 * se
+            cell += f" ± {se:.3f}" + ("  within noise" if noise else "")
+        rows.append(f"  {k.removeprefix('eval/'):26s} {_with_se(base, k):>15s}  {_with_se(final, k):>15s}  {cell}")
     return "\n".join(rows)
 
 
@@ -90,7 +113,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     trainer.train(resume=resume, progress=not args.no_progress)
     summary = write_summary_and_grid(trainer)
     if trainer.accelerator.is_main_process:
-        print(f"\nheld-out evaluation (step 0 vs step {summary.steps}):\n{_table(summary.base, summary.final)}")
+        print(f"\nheld-out evaluation (step 0 vs step {summary.steps}; ± one standard error of the evaluation):"
+              f"\n{_table(summary.base, summary.final)}")
         print(f"\nwrote {cfg.output_dir}/metrics.jsonl, summary.json" + (f", {summary.grid}" if summary.grid else ""))
     return 0
 
@@ -139,9 +163,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from flowalign.api import evaluate
 
     metrics = evaluate(args.config, checkpoint=args.checkpoint, **parse_overrides(extra))
-    keys = [k for k in metrics if not k.startswith("time/") and not k.endswith("/n")]
-    print(f"evaluation of {args.checkpoint or args.config or 'shapes'}:")
-    print("\n".join(f"  {k.removeprefix('eval/'):32s} {metrics[k]:8.3f}" for k in keys))
+    print(f"evaluation of {args.checkpoint or args.config or 'shapes'} (± one standard error):")
+    print("\n".join(f"  {k.removeprefix('eval/'):26s} {_with_se(metrics, k):>15s}" for k in _metric_keys(metrics)))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")

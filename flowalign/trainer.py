@@ -416,7 +416,9 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         images = self.generate(self.eval_prompts, self.cfg.eval_seed)
         rewards = self.score(images, self.eval_prompts)
-        metrics = {"eval/reward_mean": float(rewards.total.mean())}
+        total = rewards.total.float()
+        se = float(total.std() / len(total) ** 0.5) if len(total) > 1 else 0.0
+        metrics = {"eval/reward_mean": float(total.mean()), "eval/reward_se": se}
         if self.evaluator is not None:
             metrics.update({f"eval/{k}": float(v) for k, v in self.evaluator(images, self.eval_prompts).items()})
         metrics["time/eval"] = time.perf_counter() - t0

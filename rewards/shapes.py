@@ -219,12 +219,19 @@ def _images_uint8(images: Any) -> list[np.ndarray]:
     return [_as_uint8(im) for im in images]
 
 
+def _se(values: list[float]) -> float:
+    """Standard error of a mean (sample std, ddof 1); 0 for a single value."""
+    return float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 def evaluate(images: Any, captions: Sequence[str]) -> dict[str, float]:
-    """Strict and partial means for an eval report: overall and per category.
+    """Strict and partial means for an eval report: overall and per category, each with its standard error.
 
     Keys: "strict", "partial", "n", and "{category}/strict", "{category}/partial", "{category}/n" for each category
-    present. The overall means average the per-category means (GenEval's convention), so a category's weight does
-    not depend on how many captions it has.
+    present, and "<key>_se" beside every mean. The overall means average the per-category means (GenEval's
+    convention), so a category's weight does not depend on how many captions it has; their standard error combines
+    the categories' (a stratified mean's). It is the evaluation's own noise (which images were drawn), the yardstick
+    for "did this run change accuracy"; seed-to-seed spread of training comes on top.
     """
     imgs = _images_uint8(images)
     if len(imgs) != len(captions):
@@ -234,15 +241,16 @@ def evaluate(images: Any, captions: Sequence[str]) -> dict[str, float]:
         spec = parse_caption(cap)
         per.setdefault(spec.category, []).append(score(spec, im))
     out: dict[str, float] = {"n": float(len(imgs))}
-    for cat in CATEGORIES:
-        if cat in per:
-            rs = per[cat]
-            out[f"{cat}/strict"] = float(np.mean([r.strict for r in rs]))
-            out[f"{cat}/partial"] = float(np.mean([r.partial for r in rs]))
-            out[f"{cat}/n"] = float(len(rs))
     cats = [c for c in CATEGORIES if c in per]
-    out["strict"] = float(np.mean([out[f"{c}/strict"] for c in cats])) if cats else float("nan")
-    out["partial"] = float(np.mean([out[f"{c}/partial"] for c in cats])) if cats else float("nan")
+    for cat in cats:
+        for kind in ("strict", "partial"):
+            values = [float(getattr(r, kind)) for r in per[cat]]
+            out[f"{cat}/{kind}"] = float(np.mean(values))
+            out[f"{cat}/{kind}_se"] = _se(values)
+        out[f"{cat}/n"] = float(len(per[cat]))
+    for kind in ("strict", "partial"):
+        out[kind] = float(np.mean([out[f"{c}/{kind}"] for c in cats])) if cats else float("nan")
+        out[f"{kind}_se"] = float(np.sqrt(sum(out[f"{c}/{kind}_se"] ** 2 for c in cats)) / len(cats)) if cats else 0.0
     return out
 
 

@@ -70,6 +70,8 @@ def test_cli_eval_reproduces_the_runs_own_base_and_final_evaluations(tmp_path):
     assert res.returncode == 0, res.stderr
     assert "reward_mean" in res.stdout
     final = json.loads((tmp_path / "final.json").read_text())
+    # the reward's standard error is logged and printed beside the mean
+    assert 0 <= final["eval/reward_se"] and f"{final['eval/reward_se']:.3f}" in res.stdout
     assert final["eval/reward_mean"] == pytest.approx(summary["final"]["eval/reward_mean"], abs=1e-6)
     res = _run(["eval", "--config", "cfg.yaml", "--out", "base.json"], tmp_path)
     assert res.returncode == 0, res.stderr
@@ -158,3 +160,16 @@ def test_evaluate_without_evaluation_prompts_is_an_error_before_loading_anything
 
     with pytest.raises(ValueError, match="num_eval_prompts must be >= 1"):
         evaluate("shapes", num_eval_prompts=0)
+
+
+def test_train_table_calls_a_change_under_two_standard_errors_noise():
+    from flowalign.cli import _table
+
+    n = {"eval/n": 240.0}
+    base = {"eval/strict": 0.30, "eval/strict_se": 0.03, "eval/partial": 0.66, "eval/partial_se": 0.01, **n}
+    final = {"eval/strict": 0.38, "eval/strict_se": 0.04, "eval/partial": 0.70, "eval/partial_se": 0.01, **n}
+    rows = {line.split()[0]: line for line in _table(base, final).splitlines()[1:]}
+    assert set(rows) == {"strict", "partial"}  # no row for a count or a standard error
+    # strict: +0.080 against sqrt(0.03^2 + 0.04^2) = 0.050, under 2 SE; partial: +0.040 against 0.014
+    assert "0.300 ± 0.030" in rows["strict"] and "+0.080 ± 0.050  within noise" in rows["strict"]
+    assert rows["partial"].endswith("+0.040 ± 0.014")

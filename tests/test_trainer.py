@@ -224,3 +224,14 @@ def test_untrained_renoise_rollouts_share_the_trained_step_and_differ_after(tmp_
     assert records[-1]["step"] == 1 and math.isfinite(records[-1]["train/loss"])
     with pytest.raises(ValueError, match="untrained_sampler"):
         _trainer(tmp_path / "bad", untrained_sampler="sde")
+
+
+def test_evaluation_reports_the_reward_mean_and_its_standard_error(tmp_path):
+    """The evaluation's standard error is the yardstick the end-of-run table uses: sample std over sqrt(n)."""
+    t = _trainer(tmp_path)
+    metrics = t.evaluate()
+    per_image = t.score(t.generate(t.eval_prompts, t.cfg.eval_seed), t.eval_prompts).total.double().numpy()
+    n = len(per_image)
+    assert n > 1 and metrics["eval/reward_mean"] == pytest.approx(per_image.mean(), abs=1e-6)
+    assert metrics["eval/reward_se"] == pytest.approx(per_image.std(ddof=1) / n**0.5, abs=1e-6)
+    assert metrics["eval/reward_se"] > 0
