@@ -1,13 +1,17 @@
-"""What does the base model get wrong? Per-constraint failure counts of the checker on the held-out captions.
+"""What does the base model (or a trained checkpoint) get wrong? Per-constraint failure counts of the checker.
 
     python bench/base_failures.py --out bench/results/base_failures.json
+    python bench/base_failures.py --checkpoint runs/shapes/checkpoints/step_000120 --eval-sampler renoise \
+        --captions train_eval
 
 Draws one image per held-out caption (`world.eval_captions()`, 240) with the main job's evaluation settings (the
 trainer's seeded `generate`, at the base model since nothing is trained) and counts, per category, how often
 each constraint of `rewards.shapes` fails, how many objects were found against how many the caption states, and
 how many detections have no recognisable shape ("unknown"). The answer says where alignment has to act: local
 shape structure, not colour or layout (README "Status"). `--eval-sampler ode` (the default) is what the committed
-JSON and the README's figures used; the main job now evaluates with `renoise`.
+JSON and the README's figures used; the main job now evaluates with `renoise`. `--checkpoint` grades a training
+run's checkpoint (its own config and EMA weights) on the same draw, so its counts pair with the base model's;
+`--captions train_eval` grades the balanced training captions instead of the held-out ones.
 """
 
 from __future__ import annotations
@@ -19,18 +23,26 @@ from pathlib import Path
 from step_gradients import write_report  # bench/ is on sys.path when run as a script
 
 from flowalign import world
-from flowalign.api import build_trainer
+from flowalign.api import build_trainer, checkpoint_dir
 from flowalign.config import load_config
 from rewards import shapes
 
+CAPTIONS = {"eval": world.eval_captions, "train_eval": world.train_eval_captions}
 
-def failures(seed: int, eval_sampler: str = "ode") -> dict:
-    trainer = build_trainer(load_config("shapes", {"num_eval_prompts": 0, "seed": seed, "eval_sampler": eval_sampler}))
-    captions = world.eval_captions()
-    images = trainer.generate(captions, seed=seed)  # [N, 3, H, W] in [0, 1], which the checker reads as is
+
+def failures(seed: int, eval_sampler: str = "ode", checkpoint: Path | None = None, captions: str = "eval") -> dict:
+    overrides = {"num_eval_prompts": 0, "seed": seed, "eval_sampler": eval_sampler}
+    if checkpoint is None:
+        trainer = build_trainer(load_config("shapes", overrides))
+    else:
+        step_dir = checkpoint_dir(checkpoint)
+        trainer = build_trainer(load_config(str(step_dir / "config.yaml"), overrides))
+        trainer.load(step_dir)
+    caption_list = CAPTIONS[captions]()
+    images = trainer.generate(caption_list, seed=seed)  # [N, 3, H, W] in [0, 1], which the checker reads as is
     failed, total, surplus = Counter(), Counter(), Counter()
     found_all, unknown = 0, 0
-    for caption, image in zip(captions, images, strict=True):
+    for caption, image in zip(caption_list, images, strict=True):
         spec = world.parse_caption(caption)
         result = shapes.score(spec, image)
         found = result.detections
@@ -45,7 +57,9 @@ def failures(seed: int, eval_sampler: str = "ode") -> dict:
     return {
         "seed": seed,
         "eval_sampler": eval_sampler,
-        "captions": len(captions),
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "caption_set": captions,
+        "captions": len(caption_list),
         "constraint_failed_of_total": {k: [failed[k], total[k]] for k in sorted(total)},
         "images_by_found_minus_stated": dict(sorted(surplus.items())),
         "detections": found_all,
@@ -57,9 +71,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eval-sampler", choices=("ode", "renoise"), default="ode")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a run dir, its checkpoints dir or a step dir")
+    p.add_argument("--captions", choices=sorted(CAPTIONS), default="eval")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    write_report(failures(args.seed, args.eval_sampler), args.out)
+    write_report(failures(args.seed, args.eval_sampler, args.checkpoint, args.captions), args.out)
 
 
 if __name__ == "__main__":
