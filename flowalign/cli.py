@@ -67,12 +67,8 @@ def banner(trainer) -> str:
 
 
 def _with_se(metrics: dict[str, float], key: str) -> str:
-    se = metrics.get(_se_key(key))
+    se = metrics.get(key + "_se")
     return f"{metrics.get(key, float('nan')):.3f}" + (f" ± {se:.3f}" if se is not None else "")
-
-
-def _se_key(key: str) -> str:
-    return "eval/reward_se" if key == "eval/reward_mean" else key + "_se"
 
 
 def _metric_keys(metrics: dict[str, float]) -> list[str]:
@@ -90,8 +86,8 @@ def _table(base: dict[str, float], final: dict[str, float]) -> str:
     for k in keys:
         change = final[k] - base.get(k, float("nan"))
         cell = f"{change:+.3f}"
-        if _se_key(k) in base and _se_key(k) in final:
-            se = (base[_se_key(k)] ** 2 + final[_se_key(k)] ** 2) ** 0.5
+        if k + "_se" in base and k + "_se" in final:
+            se = (base[k + "_se"] ** 2 + final[k + "_se"] ** 2) ** 0.5
             noise = change != 0 and abs(change) < 2 * se
             cell += f" ± {se:.3f}" + ("  within noise" if noise else "")
         rows.append(f"  {k.removeprefix('eval/'):26s} {_with_se(base, k):>15s}  {_with_se(final, k):>15s}  {cell}")

@@ -418,7 +418,7 @@ class GRPOTrainer:
         rewards = self.score(images, self.eval_prompts)
         total = rewards.total.float()
         se = float(total.std() / len(total) ** 0.5) if len(total) > 1 else 0.0
-        metrics = {"eval/reward_mean": float(total.mean()), "eval/reward_se": se}
+        metrics = {"eval/reward_mean": float(total.mean()), "eval/reward_mean_se": se}
         if self.evaluator is not None:
             metrics.update({f"eval/{k}": float(v) for k, v in self.evaluator(images, self.eval_prompts).items()})
         metrics["time/eval"] = time.perf_counter() - t0

@@ -71,7 +71,7 @@ def test_cli_eval_reproduces_the_runs_own_base_and_final_evaluations(tmp_path):
     assert "reward_mean" in res.stdout
     final = json.loads((tmp_path / "final.json").read_text())
     # the reward's standard error is logged and printed beside the mean
-    assert 0 <= final["eval/reward_se"] and f"{final['eval/reward_se']:.3f}" in res.stdout
+    assert 0 <= final["eval/reward_mean_se"] and f"{final['eval/reward_mean_se']:.3f}" in res.stdout
     assert final["eval/reward_mean"] == pytest.approx(summary["final"]["eval/reward_mean"], abs=1e-6)
     res = _run(["eval", "--config", "cfg.yaml", "--out", "base.json"], tmp_path)
     assert res.returncode == 0, res.stderr

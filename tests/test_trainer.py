@@ -233,5 +233,5 @@ def test_evaluation_reports_the_reward_mean_and_its_standard_error(tmp_path):
     per_image = t.score(t.generate(t.eval_prompts, t.cfg.eval_seed), t.eval_prompts).total.double().numpy()
     n = len(per_image)
     assert n > 1 and metrics["eval/reward_mean"] == pytest.approx(per_image.mean(), abs=1e-6)
-    assert metrics["eval/reward_se"] == pytest.approx(per_image.std(ddof=1) / n**0.5, abs=1e-6)
-    assert metrics["eval/reward_se"] > 0
+    assert metrics["eval/reward_mean_se"] == pytest.approx(per_image.std(ddof=1) / n**0.5, abs=1e-6)
+    assert metrics["eval/reward_mean_se"] > 0
