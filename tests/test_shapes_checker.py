@@ -244,12 +244,14 @@ def test_evaluate_reports_overall_and_per_category_means() -> None:
     # variance p(1-p) n/(n-1) of 0/1 outcomes; the overall one is that of a mean of category means
     strict = build_reward("shapes_strict")(torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 255, caps).numpy()
     cat_of = [w.parse_caption(c).category for c in caps]
+    variances = []  # of each category mean, from the independent scores
     for cat in cats:
         vals = [float(v) for v, c in zip(strict, cat_of, strict=True) if c == cat]
         n, p = len(vals), float(np.mean(vals))
+        variances.append(p * (1 - p) / (n - 1))
         assert report[f"{cat}/strict"] == pytest.approx(p)
-        assert report[f"{cat}/strict_se"] == pytest.approx(np.sqrt(p * (1 - p) * n / (n - 1) / n))
-    assert report["strict_se"] == pytest.approx(np.sqrt(sum(report[f"{c}/strict_se"] ** 2 for c in cats)) / len(cats))
+        assert report[f"{cat}/strict_se"] == pytest.approx(np.sqrt(variances[-1]))
+    assert report["strict_se"] == pytest.approx(np.sqrt(sum(variances)) / len(cats))
     assert shapes.evaluate(images, caps)["partial_se"] == 0.0  # every render met every constraint
     with pytest.raises(ValueError, match="pass one caption per image"):
         shapes.evaluate(arr, caps[:-1])
