@@ -145,6 +145,23 @@ def test_an_extra_object_fails_exactly_no_extra(category: str) -> None:
     assert tried >= 20
 
 
+def test_the_extra_object_factor_scales_the_other_constraints() -> None:
+    """shapes_partial(extra_object_factor=f): an extra object multiplies the share of the others met by f."""
+    rng = np.random.default_rng(5)
+    spec = _specs_of("color_attr")[0]  # five constraints: four besides no_extra
+    drawn, _ = _one_fault(spec)  # object1 in the wrong colour: 3 of the 4 others hold
+    scenes = [w.sample_scene(spec, rng), w.sample_scene(drawn, rng)]
+    scenes += [_with_extra(s, w.SHAPES[0], w.COLORS[0]) for s in scenes]
+    assert None not in scenes
+    images = torch.from_numpy(np.stack([w.render(s) for s in scenes])).permute(0, 3, 1, 2).float() / 255
+    caps = [w.caption_of(spec)] * 4
+    gated = build_reward("shapes_partial", extra_object_factor=0.25)(images, caps)
+    assert gated.tolist() == pytest.approx([1.0, 3 / 4, 0.25, 0.25 * 3 / 4])
+    assert build_reward("shapes_partial")(images, caps).tolist() == pytest.approx([1.0, 4 / 5, 4 / 5, 3 / 5])
+    with pytest.raises(ValueError, match=r"lies in \[0, 1\], got 1.5"):
+        build_reward("shapes_partial", extra_object_factor=1.5)
+
+
 def test_a_stated_shape_twice_needs_two_detections() -> None:
     spec = w.parse_caption("a red circle to the left of a blue circle")
     scene = Scene((PlacedObject("circle", "red", 8.5, 16.5, 11),))
