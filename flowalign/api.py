@@ -50,10 +50,14 @@ def build_reward(spec: Any, *, normalize: str = "sum", log_tame: bool = False):
     import rewards  # noqa: F401  (registers the built-in rewards)
     from rewards.base import REWARDS
 
+    def shown(d: dict) -> str:  # the name with its options, so a run's header says which variant it trains
+        opts = ", ".join(f"{k}={v!r}" for k, v in (d.get("kwargs") or {}).items())
+        return f"{d['name']}({opts})" if opts else d["name"]
+
     if isinstance(spec, str):
         return REWARDS.get(spec)(), spec
     if isinstance(spec, dict) and "weight" not in spec:
-        return REWARDS.get(spec["name"])(**spec.get("kwargs", {})), spec["name"]
+        return REWARDS.get(spec["name"])(**spec.get("kwargs", {})), shown(spec)
     if isinstance(spec, (list, dict)):
         from rewards.combine import build_combined
 
@@ -63,7 +67,7 @@ def build_reward(spec: Any, *, normalize: str = "sum", log_tame: bool = False):
             out = combined(images, prompts, **columns)
             return Rewards(out.total, dict(out.raw))
 
-        return reward, "+".join(d["name"] for d in (spec if isinstance(spec, list) else [spec]))
+        return reward, "+".join(shown(d) for d in (spec if isinstance(spec, list) else [spec]))
     raise ValueError(f"reward must be a registered name or a list of {{name, weight, kwargs}}, got {spec!r}")
 
 

@@ -272,3 +272,19 @@ def test_evaluate_reports_overall_and_per_category_means() -> None:
     assert shapes.evaluate(images, caps)["partial_se"] == 0.0  # every render met every constraint
     with pytest.raises(ValueError, match="pass one caption per image"):
         shapes.evaluate(arr, caps[:-1])
+
+
+def test_a_config_reward_with_options_trains_and_names_that_variant() -> None:
+    """The config form reaches the option, and the run's header names it (plain partial would look the same)."""
+    from flowalign.api import build_reward as build_config_reward
+
+    caps, images = _batch(8, seed=6)
+    images[:4] = 1.0  # blank: 0 gated (nothing else met), 1/len(constraints) plain
+    spec = {"name": "shapes_partial", "kwargs": {"extra_object_factor": 0.5}}
+    for form in (spec, [{**spec, "weight": 1.0}]):
+        fn, name = build_config_reward(form)
+        assert name == "shapes_partial(extra_object_factor=0.5)"
+        out = fn(images, caps)
+        total = out.total if hasattr(out, "total") else out
+        assert torch.allclose(total, build_reward("shapes_partial", extra_object_factor=0.5)(images, caps))
+        assert not torch.allclose(total, build_reward("shapes_partial")(images, caps))
