@@ -109,8 +109,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     trainer.train(resume=resume, progress=not args.no_progress)
     summary = write_summary_and_grid(trainer)
     if trainer.accelerator.is_main_process:
-        print(f"\nheld-out evaluation (step 0 vs step {summary.steps}; ± one standard error of the evaluation):"
-              f"\n{_table(summary.base, summary.final)}")
+        print(
+            f"\nheld-out evaluation (step 0 vs step {summary.steps}; ± one standard error of the evaluation):"
+            f"\n{_table(summary.base, summary.final)}"
+        )
         print(f"\nwrote {cfg.output_dir}/metrics.jsonl, summary.json" + (f", {summary.grid}" if summary.grid else ""))
     return 0
 
