@@ -1,0 +1,38 @@
+"""bench/base_failures.py grades the main job's own evaluation draw, so its per-constraint counts pair with it."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from flowalign.api import build_trainer
+from flowalign.config import load_config
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def base_failures():
+    sys.path.insert(0, str(BENCH))  # the script imports its bench/ neighbours as a script would
+    try:
+        import base_failures
+
+        yield base_failures
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_constraint_counts_reproduce_the_main_jobs_per_category_partial_accuracy(base_failures, tmp_path):
+    # Every caption of a category has the same constraints, so a category's partial accuracy (the mean fraction met)
+    # is 1 - failed/total summed over its constraints: the counts must give the trainer's step-0 evaluation exactly.
+    report = base_failures.failures(seed=1234, eval_sampler="renoise")
+    cfg = load_config("shapes", {"eval_seed": 1234, "output_dir": str(tmp_path)})
+    metrics = build_trainer(cfg).evaluate()
+    per_cat: dict[str, list[int]] = {}
+    for key, (failed, total) in report["constraint_failed_of_total"].items():
+        acc = per_cat.setdefault(key.split("/")[0], [0, 0])
+        acc[0], acc[1] = acc[0] + failed, acc[1] + total
+    assert report["captions"] == metrics["eval/n"] == 240
+    assert len(per_cat) == 6
+    for cat, (failed, total) in per_cat.items():
+        assert 1 - failed / total == pytest.approx(metrics[f"eval/{cat}/partial"], abs=1e-9), cat
