@@ -11,19 +11,7 @@ import pytest
 def test_main_job_runs_end_to_end_and_reports(tmp_path):
     """A few steps of the exact preset the README runs, through the installed CLI entry point's module."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    args = [
-        "train",
-        "shapes",
-        "--max-steps",
-        "2",
-        "--output-dir",
-        "out",
-        "--num-eval-prompts",
-        "24",
-        "--grid-prompts",
-        "6",
-        "--no-progress",
-    ]
+    args = "train shapes --max-steps 2 --output-dir out --num-eval-prompts 24 --grid-prompts 6 --no-progress".split()
     res = subprocess.run(
         [sys.executable, "-m", "flowalign.cli", *args],
         cwd=tmp_path,
@@ -61,48 +49,17 @@ def test_short_alignment_raises_held_out_partial_accuracy(tmp_path):
     spread 1.0), strict 22.5% -> 52.5% / 52.0% / 49.0% (bench/results/v2_slow_test_run3.json).
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    args = [
-        "train",
-        "shapes",
-        "--prompts",
-        "shapes:train/two_object",
-        "--eval-prompts",
-        "shapes:eval/two_object",
-        "--num-eval-prompts",
-        "200",
-        "--learning-rate",
-        "2.5e-4",
-        "--max-steps",
-        "480",
-        "--eval-every",
-        "120",
-        "--save-every",
-        "0",
-        "--grid-prompts",
-        "0",
-        "--no-progress",
-    ]
+    args = (
+        "train shapes --prompts shapes:train/two_object --eval-prompts shapes:eval/two_object --num-eval-prompts 200"
+        " --learning-rate 2.5e-4 --max-steps 480 --eval-every 120 --save-every 0 --grid-prompts 0 --no-progress"
+    ).split()
     runs = []
     try:
         for seed in SEEDS:
             with (tmp_path / f"s{seed}.log").open("w") as log:  # a file, not a pipe: a full pipe would stall a run
-                runs.append(
-                    subprocess.Popen(
-                        [
-                            sys.executable,
-                            "-m",
-                            "flowalign.cli",
-                            *args,
-                            "--seed",
-                            str(seed),
-                            "--output-dir",
-                            str(tmp_path / f"s{seed}"),
-                        ],
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                    )
-                )
+                cmd = [sys.executable, "-m", "flowalign.cli", *args, "--seed", str(seed)]
+                cmd += ["--output-dir", str(tmp_path / f"s{seed}")]
+                runs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT))
         for seed, run in zip(SEEDS, runs, strict=True):
             assert run.wait(timeout=3 * 3600) == 0, (tmp_path / f"s{seed}.log").read_text()[-3000:]
     finally:

@@ -274,7 +274,7 @@ def test_evaluate_reports_overall_and_per_category_means() -> None:
         shapes.evaluate(arr, caps[:-1])
 
 
-def test_a_config_reward_with_options_trains_and_names_that_variant() -> None:
+def test_a_config_reward_with_options_reaches_the_reward_and_names_that_variant() -> None:
     """The config form reaches the option, and the run's header names it (plain partial would look the same)."""
     from flowalign.api import build_reward as build_config_reward
 
