@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -391,32 +392,37 @@ class GRPOTrainer:
             )
         return traj.images.float().cpu()
 
-    def generate(self, prompts: Sequence[str], seed: int) -> Tensor:
-        """Images for `prompts` at the evaluation settings (`eval_sampler`), [N,3,H,W] on CPU on every process.
+    def _shared_out(self, prompts: Sequence[str], seed: int, work: Callable[[Tensor, Sequence[str]], Any]) -> list:
+        """`work(images, prompts)` on this process's batches, gathered in batch order on every process.
 
         Batch k of `eval_batch_size` is seeded by (seed, its start) and made by process k mod num_processes, so N
         processes draw what one does and share the work. A collective: every process must call it."""
         size, acc = self.cfg.eval_batch_size, self.accelerator
         starts = range(0, len(prompts), size)
         mine = {
-            a: self._generate_batch(prompts[a : a + size], _seed(seed, a))
+            a: work(self._generate_batch(prompts[a : a + size], _seed(seed, a)), prompts[a : a + size])
             for a in starts[acc.process_index :: acc.num_processes]
         }
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
-            mine = {a: images for part in gather_object([mine]) for a, images in part.items()}
-        return torch.cat([mine[a] for a in starts])
+            mine = {a: out for part in gather_object([mine]) for a, out in part.items()}
+        return [mine[a] for a in starts]
+
+    def generate(self, prompts: Sequence[str], seed: int) -> Tensor:
+        """Images for `prompts` at the evaluation settings (`eval_sampler`), [N,3,H,W] on CPU on every process;
+        shared out over processes by batch (`_shared_out`)."""
+        return torch.cat(self._shared_out(prompts, seed, lambda images, _: images))
 
     def evaluate(self) -> dict[str, float]:
-        """Reward (and evaluator metrics) of seeded samples (`eval_sampler`) on the fixed evaluation prompts. The
-        processes share the generation; every process scores the whole set, as one process would."""
+        """Reward (and evaluator metrics) of seeded samples (`eval_sampler`) on the fixed evaluation prompts. Each
+        process generates and scores its share of the batches, so N processes score each image once; the evaluator
+        (metrics over the whole set, e.g. per category) then sees every image on every process."""
         if not self.eval_prompts:
             return {}
         t0 = time.perf_counter()
-        images = self.generate(self.eval_prompts, self.cfg.eval_seed)
-        rewards = self.score(images, self.eval_prompts)
-        total = rewards.total.float()
+        parts = self._shared_out(self.eval_prompts, self.cfg.eval_seed, lambda im, p: (im, self.score(im, p).total))
+        images, total = torch.cat([im for im, _ in parts]), torch.cat([r for _, r in parts])
         se = float(total.std() / len(total) ** 0.5) if len(total) > 1 else 0.0
         metrics = {"eval/reward_mean": float(total.mean()), "eval/reward_mean_se": se}
         if self.evaluator is not None:

@@ -4,7 +4,8 @@ batches of one image (so the ranks share out the four evaluation images):
 - `full`: 3 steps, then the summary and grid (every rank calls it, as the CLI does);
 - `resumed`: 2 steps, then a new trainer resumes from its checkpoint to step 3;
 - `stopped`: up to 4 steps, with a stop condition that only the second process meets, at step 2.
-Saves, per rank, the LoRA weights at the start and end of each run and the images `generate` gives every rank."""
+Saves, per rank, the LoRA weights at the start and end of each run, the images `generate` gives every rank, and
+how many images an evaluation scored on this rank."""
 
 import sys
 from pathlib import Path
@@ -29,6 +30,11 @@ full = trainer("full", 3, grid_prompts=2)
 start = {n: p.detach().clone() for n, p in full.params.items()}
 full.train(progress=False)
 write_summary_and_grid(full)
+# Evaluation scores each image once over the processes: count the images this rank's reward sees.
+scored = []
+reward_fn = full.reward_fn
+full.reward_fn = lambda images, prompts, **kw: scored.append(len(prompts)) or reward_fn(images, prompts, **kw)
+evaluation = full.evaluate()
 trainer("resumed", 2).train(progress=False)
 resumed = trainer("resumed", 3)
 resumed.train(resume=out / "resumed" / "checkpoints", progress=False)
@@ -41,5 +47,7 @@ result = {
     "end": full.trainable_state(),
     "resumed": resumed.trainable_state(),
     "images": full.generate(prompts, seed=7),
+    "scored": sum(scored),
+    "eval_reward": evaluation["eval/reward_mean"],
 }
 torch.save(result, out / f"rank{rank}.pt")

@@ -84,7 +84,8 @@ def test_lora_init_is_fixed_by_seed_alone(tmp_path):
 
 def test_two_processes_train_resume_and_evaluate_as_one_run(tmp_path):
     """Processes average gradients, not weights: from different LoRA inits they would silently diverge. Only the
-    main process writes the log and checkpoints, which the others then read; evaluation is shared out by batch."""
+    main process writes the log and checkpoints, which the others then read; evaluation (generating and scoring) is
+    shared out by batch."""
     import subprocess
     import sys
     from pathlib import Path
@@ -114,6 +115,8 @@ def test_two_processes_train_resume_and_evaluate_as_one_run(tmp_path):
     assert torch.equal(r0["images"], r1["images"])
     torch.testing.assert_close(one.generate(PROMPTS, seed=7), r0["images"], rtol=0, atol=1e-5)
     assert one.evaluate()["eval/reward_mean"] == pytest.approx(logs["full"][-1]["eval/reward_mean"], abs=1e-5)
+    assert r0["eval_reward"] == r1["eval_reward"] == pytest.approx(logs["full"][-1]["eval/reward_mean"], abs=1e-5)
+    assert r0["scored"] == r1["scored"] == len(PROMPTS) // 2, "each process scores its share of the images, once"
 
 
 def test_nan_reward_names_reward_and_step_and_keeps_checkpoint(tmp_path):
