@@ -60,7 +60,8 @@ def banner(trainer) -> str:
         f" {cfg.eval_num_steps} eval ({cfg.eval_sampler}); CFG {cfg.guidance_scale}",
         f"  {'LoRA r=' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
         f"{f' (on at sigma >= {cfg.lora_min_sigma}, the base model below)' if cfg.lora_min_sigma else ''}:"
-        f" {sum(p.numel() for p in trainer.params.values()):,} trainable parameters; lr {cfg.learning_rate}",
+        f" {sum(p.numel() for p in trainer.params.values()):,} trainable parameters; lr {cfg.learning_rate}"
+        f"{'; compiled' if trainer.compiled else ''}",
         f"  {cfg.max_steps} steps -> {cfg.output_dir}",
     ]
     return "\n".join(lines)

@@ -41,6 +41,7 @@ def limit_lora(transformer: torch.nn.Module, min_sigma: float, timestep_per_sigm
     layer = _lora_layer(transformer)  # found once (not per call); fails early, with the fix, without an adapter
     gated: list[bool] = []  # one entry per call in flight: did this call switch the adapter off?
 
+    @torch.compiler.disable  # reads tensor values and flips a flag: eager, so a compiled transformer does not retrace
     def before(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         gated.append(False)  # first: `after` runs even when this raises
         t = kwargs.get("timestep", args[2] if len(args) > 2 else None)
@@ -54,6 +55,7 @@ def limit_lora(transformer: torch.nn.Module, min_sigma: float, timestep_per_sigm
             module.disable_adapters()
             gated[-1] = True
 
+    @torch.compiler.disable
     def after(module: torch.nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if gated.pop():
             module.enable_adapters()
