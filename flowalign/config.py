@@ -28,7 +28,7 @@ class TrainConfig:
     model: str = "shapes"  # built-in zoo name ("shapes"), local pipeline dir, or Hugging Face hub id
     dtype: str = "float32"  # weights dtype of the frozen parts: float32 | bfloat16 | float16
     mixed_precision: str = "no"  # accelerate autocast: no | bf16 | fp16
-    # torch.compile the transformer (rollouts, replays, evaluation): ~20% faster steps on the shapes model on CPU,
+    # torch.compile the transformer (rollouts, replays, evaluation): ~12% faster steps on the shapes model on CPU,
     # after ~20 s of compiling. On CPU it needs a C++ compiler; without one the run warns and stays eager.
     compile: bool = False
     max_sequence_length: int | None = None  # text tokens; None = the model's recommended value

@@ -63,7 +63,7 @@ def _can_compile(device: torch.device) -> bool:
     inside the first forward pass."""
     if device.type != "cpu" or any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "c++", "clang++")):
         return True
-    logger.warning("compile: no C++ compiler found (install g++ or set CXX); running eager, ~20% slower on CPU")
+    logger.warning("compile: no C++ compiler found (install g++ or set CXX); running eager (~12% slower steps on CPU)")
     return False
 
 
