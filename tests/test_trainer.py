@@ -94,10 +94,13 @@ def test_a_compiled_transformer_samples_replays_and_trains_as_the_eager_one(tmp_
 
 
 def test_compile_without_a_cpp_compiler_warns_and_stays_eager(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr("flowalign.trainer.shutil.which", lambda name: None)
+    """Where inductor would find no compiler (its own search, pointed at a missing one), the run stays eager."""
+    import torch._inductor.config as inductor
+
+    monkeypatch.setattr(inductor.cpp, "cxx", (None, str(tmp_path / "no-such-g++")))
     with caplog.at_level("WARNING", logger="flowalign.trainer"):
         trainer = _trainer(tmp_path, compile=True)
-    assert not trainer.compiled and "no C++ compiler found" in caplog.text
+    assert not trainer.compiled and "No working C++ compiler" in caplog.text and "running eager" in caplog.text
 
 
 def test_lora_init_is_fixed_by_seed_alone(tmp_path):
