@@ -241,7 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _quiet_libraries() -> None:
     """One progress bar (ours): silence the loaders' per-component bars and chatter."""
     from diffusers.utils import logging as dlog
+    from huggingface_hub.utils import logging as hlog
     from transformers.utils import logging as tlog
+
+    hlog.disable_propagation()  # it has its own handler: through ours too, each of its warnings printed twice
 
     dlog.disable_progress_bar()
     tlog.disable_progress_bar()

@@ -20,11 +20,13 @@ import os
 import pickle
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from flowalign.hub import cache_only_when_unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +113,8 @@ def explain_missing(source: str, *, what: str, kwarg: str, filename: str | None 
 
     A hub id becomes `WeightsNotFoundError` naming the id and the download command; an existing local path
     that is incomplete becomes a `FileNotFoundError` saying which path is incomplete. Both are raised
-    `from None`. Errors that do not mean "missing files" (anywhere in their cause chain) pass through.
+    `from None`. Errors that do not mean "missing files" (anywhere in their cause chain) pass through. For a
+    hub id on a machine without network only the cache is read, at once (`flowalign.hub`).
 
     Args:
         source: the hub id or local path the user passed.
@@ -119,20 +122,23 @@ def explain_missing(source: str, *, what: str, kwarg: str, filename: str | None 
         kwarg: the keyword argument that takes a local copy instead (e.g. `"model"`).
         filename: the single file fetched from the repo, when there is one.
     """
+    local, no_network = is_local(source), None
     try:
-        yield
+        with nullcontext() if local else cache_only_when_unreachable() as no_network:
+            yield
     except WeightsNotFoundError:
         raise
     except Exception as exc:
         cause = _missing_cause(exc)
         if cause is None:
             raise
-        if is_local(source):
+        if local:
             raise FileNotFoundError(
                 f"{what}: the local copy {str(source)!r} passed as {kwarg}= is incomplete or unreadable "
                 f"({_first_line(cause)}). Pass a directory made with `hf download ID --local-dir DIR`."
             ) from None
-        raise weights_not_found(source, what=what, kwarg=kwarg, filename=filename, reason=_first_line(cause)) from None
+        reason = f"{no_network}; {_first_line(cause)}" if no_network else _first_line(cause)
+        raise weights_not_found(source, what=what, kwarg=kwarg, filename=filename, reason=reason) from None
 
 
 def check_source(source: str | os.PathLike[str], *, what: str, kwarg: str) -> str:

@@ -15,6 +15,7 @@ import torch
 
 from flowalign.adapters.flux import FluxAdapter
 from flowalign.adapters.sd3 import SD3Adapter
+from flowalign.hub import cache_only_when_unreachable, hub_offline_env
 from flowalign.registry import Registry
 from flowalign.types import FlowAdapter
 
@@ -44,20 +45,19 @@ def adapter_for(pipe: Any, **kwargs: Any) -> FlowAdapter:
     raise ValueError(f"no flowalign adapter for {type(pipe).__name__}; supported pipelines: {_supported()}")
 
 
-def _hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
-    return bool(constants.HF_HUB_OFFLINE) or flag in {"1", "ON", "YES", "TRUE"}
-
-
-def _not_found(model: str, offline: bool, detail: str) -> FileNotFoundError:
-    where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the Hugging Face Hub"
+def _not_found(model: str, why: str | None, detail: str) -> FileNotFoundError:
+    """The one error for missing weights; `why` the hub was not asked (None: it was asked and said no)."""
+    where = f"in the local Hugging Face cache ({why})" if why else "on the Hugging Face Hub"
     fix = (
         f"Download it first with `hf download {model} --local-dir DIR` (older huggingface_hub: "
         f"`huggingface-cli download {model} --local-dir DIR`) and pass DIR"
     )
-    fix += ", or unset HF_HUB_OFFLINE so from_pretrained can download it." if offline else "."
+    if why and why.startswith("HF_HUB_OFFLINE"):
+        fix += ", or unset HF_HUB_OFFLINE so from_pretrained can download it."
+    elif why:
+        fix += " (download where the Hub is reachable, then copy DIR to this machine)."
+    else:
+        fix += "."
     return FileNotFoundError(f"model {model!r} is neither a local directory nor {where}{detail}. {fix}")
 
 
@@ -75,7 +75,10 @@ def load_pipeline(
             "stabilityai/stable-diffusion-3.5-medium".
         family: "sd3" or "flux" to load that pipeline class; None lets diffusers pick it from `model_index.json`.
         dtype: `torch_dtype` for every component (None: diffusers' default, fp32).
-        **kwargs: forwarded to `from_pretrained` (`revision`, `variant`, `text_encoder_3=None`, ...).
+        **kwargs: forwarded to `from_pretrained` (`revision`, `variant`, `cache_dir`, `text_encoder_3=None`, ...).
+
+    Without network (the Hub's host does not resolve) only the local cache is read, at once, instead of after
+    huggingface_hub's retries.
 
     Raises:
         FileNotFoundError: the model is neither a local directory nor available from the hub cache (or, online,
@@ -89,20 +92,31 @@ def load_pipeline(
     name = os.fspath(model)
     local = Path(name).expanduser()
     if local.is_dir():
-        name, index = str(local), local / "model_index.json"
-    else:
-        offline = _hub_offline() or bool(kwargs.get("local_files_only", False))
+        return _from_pretrained(cls, str(local), local / "model_index.json", kwargs)
+    switched_off = hub_offline_env()
+    with cache_only_when_unreachable() as no_network:
+        if switched_off:
+            why = "HF_HUB_OFFLINE is set"
+        elif no_network:
+            why, kwargs["local_files_only"] = no_network, True  # diffusers keeps its own copy of the offline flag
+        else:
+            why = "local_files_only=True" if kwargs.get("local_files_only") else None
         try:  # a cheap existence check, so errors from inside diffusers are never mistaken for "not found"
-            from huggingface_hub import hf_hub_download
+            import huggingface_hub
 
+            where = {k: kwargs[k] for k in ("revision", "cache_dir", "token") if kwargs.get(k) is not None}
             index = Path(
-                hf_hub_download(name, "model_index.json", revision=kwargs.get("revision"), local_files_only=offline)
+                huggingface_hub.hf_hub_download(name, "model_index.json", local_files_only=bool(why), **where)
             )
         except (OSError, ValueError) as err:
             detail = " (nor a valid hub id)" if type(err).__name__ == "HFValidationError" else ""
-            if not offline and not detail:
+            if not why and not detail:
                 detail = f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-            raise _not_found(name, offline, detail) from None
+            raise _not_found(name, why, detail) from None
+        return _from_pretrained(cls, name, index, kwargs)
+
+
+def _from_pretrained(cls: Any, name: str, index: Path, kwargs: dict[str, Any]):
     # Components saved as None (SD3 without T5: text_encoder_3 / tokenizer_3) must be passed as None again.
     if index.is_file():
         for key, value in json.loads(index.read_text(encoding="utf-8")).items():
