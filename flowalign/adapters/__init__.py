@@ -45,6 +45,9 @@ def adapter_for(pipe: Any, **kwargs: Any) -> FlowAdapter:
     raise ValueError(f"no flowalign adapter for {type(pipe).__name__}; supported pipelines: {_supported()}")
 
 
+_SWITCHED_OFF = "HF_HUB_OFFLINE is set"
+
+
 def _not_found(model: str, why: str | None, detail: str) -> FileNotFoundError:
     """The one error for missing weights; `why` the hub was not asked (None: it was asked and said no)."""
     where = f"in the local Hugging Face cache ({why})" if why else "on the Hugging Face Hub"
@@ -52,7 +55,7 @@ def _not_found(model: str, why: str | None, detail: str) -> FileNotFoundError:
         f"Download it first with `hf download {model} --local-dir DIR` (older huggingface_hub: "
         f"`huggingface-cli download {model} --local-dir DIR`) and pass DIR"
     )
-    if why and why.startswith("HF_HUB_OFFLINE"):
+    if why == _SWITCHED_OFF:
         fix += ", or unset HF_HUB_OFFLINE so from_pretrained can download it."
     elif why:
         fix += " (download where the Hub is reachable, then copy DIR to this machine)."
@@ -96,7 +99,7 @@ def load_pipeline(
     switched_off = hub_offline_env()
     with cache_only_when_unreachable() as no_network:
         if switched_off:
-            why = "HF_HUB_OFFLINE is set"
+            why = _SWITCHED_OFF
         elif no_network:
             why, kwargs["local_files_only"] = no_network, True  # diffusers keeps its own copy of the offline flag
         else:
