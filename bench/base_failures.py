@@ -8,10 +8,10 @@ Draws one image per held-out caption (`world.eval_captions()`, 240) with the mai
 trainer's seeded `generate`, at the base model since nothing is trained) and counts, per category, how often
 each constraint of `rewards.shapes` fails, how many objects were found against how many the caption states, and
 how many detections have no recognisable shape ("unknown"). The answer says where alignment has to act: local
-shape structure, not colour or layout (README "Status"). `--eval-sampler ode` (the default) is what the committed
-JSON and the README's figures used; the main job now evaluates with `renoise`. `--checkpoint` grades a training
-run's checkpoint (its own config and EMA weights) on the same draw, so its counts pair with the base model's;
-`--captions train_eval` grades the balanced training captions instead of the held-out ones.
+shape structure, not colour or layout (docs/EXPERIMENTS.md). `--eval-sampler ode` (the default) is what the
+committed JSON and the figures in docs/EXPERIMENTS.md used; the main job now evaluates with `renoise`. `--checkpoint`
+grades a training run's checkpoint (its own config and EMA weights) on the same draw, so its counts pair with the
+base model's; `--captions train_eval` grades the balanced training captions instead of the held-out ones.
 """
 
 from __future__ import annotations

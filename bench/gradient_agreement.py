@@ -9,7 +9,7 @@ the mean pairwise cosine. Two independent estimates g1 = s + n1, g2 = s + n2 of 
 |s|^2 / (|s|^2 + |n|^2): near 0 means one batch is mostly noise, and since |n|^2 shrinks like 1/batch, a batch about
 1/cos times larger would make signal and noise equal (reported from the mean's upper bound). Settings compared: the
 preset (many prompts, early window), every exploring step, one initial noise per group (`group_shared_noise`), one
-fixed prompt (where a probe did learn; README "Figures"), and one prompt from one fixed initial noise (only the SDE
+fixed prompt (where a probe did learn; docs/EXPERIMENTS.md), and one prompt from one fixed initial noise (only the SDE
 noise varies: the cleanest case REINFORCE can face here). A calibration row trains the preset on a smooth reward
 (mean brightness) instead of the checker: it shows the measurement does find signal where there is some.
 """

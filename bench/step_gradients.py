@@ -7,7 +7,7 @@ step k computes the norm of the gradient of the trainer's own loss (`losses.poli
 the first update) with respect to the LoRA weights. Prints JSON (one norm per step, plus each step's share of the
 sum). On the built-in model the late steps' norms dwarf the early ones, where layout, count and colour are
 decided; that is why the trainer skips nearly collapsed steps (`min_noise_std`) and the main-job preset trains an
-early SDE window (README "Figures").
+early SDE window (docs/EXPERIMENTS.md).
 """
 
 from __future__ import annotations

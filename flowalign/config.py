@@ -47,7 +47,7 @@ class TrainConfig:
     group_shared_noise: bool = False  # a group's G samples start from one initial noise, so the group baseline
     # absorbs the reward variance the initial noise causes, which no step's log-prob can explain
     min_noise_std: float = 0.02  # steps whose noise std is below this run ODE: they explore nothing yet their
-    # log-prob gradients are ~1/std and swamp the rest (the schedule's step to sigma ~0.001; README "Figures")
+    # log-prob gradients are ~1/std and swamp the rest (the schedule's step to sigma ~0.001; docs/EXPERIMENTS.md)
     # How training rollouts run the steps they do not train (outside the window, or too narrow): "ode" or "renoise",
     # the eval_sampler choices; renoise makes the rewarded images come from the sampler the model is evaluated with.
     untrained_sampler: str = "ode"

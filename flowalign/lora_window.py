@@ -2,7 +2,7 @@
 
 Why: with a trained window (`sde_window`), the policy gradient covers only the window's steps, yet a LoRA applied
 everywhere also changes the untrained low-noise steps, where shapes get their edges, with nothing steering that
-change. On the built-in model that drift cost more than the window gained (README "LoRA only where it is
+change. On the built-in model that drift cost more than the window gained (docs/EXPERIMENTS.md, "LoRA only where it is
 trained"). Gating the LoRA by noise level makes the untrained steps the base model's, so the gradient is the whole
 gradient of the reward and the untrained steps cannot drift.
 
