@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from flowalign.config import TrainConfig, load_config, load_prompt_set, load_prompts
 from flowalign.trainer import GRPOTrainer, Rewards, evenly_spaced
@@ -110,29 +112,49 @@ class RunSummary:
     grid: str | None  # path of the before/after PNG
 
 
-def write_summary_and_grid(trainer: GRPOTrainer) -> RunSummary:
-    """Base vs aligned evaluation (from the metrics log) and a before/after grid on the same seeds."""
+def comparison_rows(trainer: GRPOTrainer, prompts: Sequence[str], seeds: Sequence[int]) -> dict[str, Tensor]:
+    """Base and aligned images of the same prompts from the same noise (each seed), as grid rows.
+
+    The base row is the trainer's reference policy (LoRA off, or the frozen copy of a full fine-tune), so the two
+    rows differ only by what training changed. Rows are "base" / "aligned" for one seed, "base s<seed>" /
+    "aligned s<seed>" for several. A collective under accelerate: every process must call it.
+    """
+    rows: dict[str, Tensor] = {}
+    for s in seeds:
+        tag = f" s{s}" if len(seeds) > 1 else ""
+        with trainer.reference_policy():
+            rows[f"base{tag}"] = trainer.generate(prompts, s)
+        rows[f"aligned{tag}"] = trainer.generate(prompts, s)
+    return rows
+
+
+def write_grid(
+    trainer: GRPOTrainer, rows: dict[str, Tensor], prompts: Sequence[str], path: str | Path, *, score: bool = True
+) -> Path:
+    """Writes `rows` as a comparison grid PNG (+ JSON sidecar), each image scored by the trainer's reward when
+    `score`. Call it on the main process only."""
     from flowalign.grids import comparison_grid
 
+    scores = {name: trainer.score(images, prompts).total.tolist() for name, images in rows.items()} if score else None
+    return comparison_grid(rows, prompts, Path(path), scores=scores)
+
+
+def write_summary_and_grid(trainer: GRPOTrainer) -> RunSummary:
+    """Base vs aligned evaluation (from the metrics log) and a before/after grid on the same seeds."""
     out = trainer.out
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
     evals = [r for r in records if "eval/reward_mean" in r]
     base = {k: v for k, v in evals[0].items() if k.startswith("eval/")} if evals else {}
     final = {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
     grid = None
-    n = min(trainer.cfg.grid_prompts, len(trainer.eval_prompts))
+    distinct = list(dict.fromkeys(trainer.eval_prompts))  # an evaluation set may repeat prompts; a grid need not
+    n = min(trainer.cfg.grid_prompts, len(distinct))
     if n:  # every process: generation is shared out over them
-        prompts = evenly_spaced(trainer.eval_prompts, n)
-        aligned = trainer.generate(prompts, trainer.cfg.eval_seed)
-        with trainer.reference_policy():
-            base_imgs = trainer.generate(prompts, trainer.cfg.eval_seed)
+        prompts = evenly_spaced(distinct, n)
+        rows = comparison_rows(trainer, prompts, [trainer.cfg.eval_seed])
         grid = str(out / "grid.png")
         if trainer.accelerator.is_main_process:
-            scores = {
-                "base": trainer.score(base_imgs, prompts).total.tolist(),
-                "aligned": trainer.score(aligned, prompts).total.tolist(),
-            }
-            comparison_grid({"base": base_imgs, "aligned": aligned}, prompts, Path(grid), scores=scores)
+            write_grid(trainer, rows, prompts, grid)
     summary = RunSummary(str(out), trainer.step, base, final, grid)
     if trainer.accelerator.is_main_process:
         from flowalign.plots import plot_metrics
@@ -150,6 +172,16 @@ def train(config: str | None = "shapes", *, resume: str | None = None, progress:
     return write_summary_and_grid(trainer)
 
 
+def load_run(checkpoint: str | Path, *, keep_reference: bool = False, **overrides: Any) -> GRPOTrainer:
+    """A trainer holding a saved run: its config (plus `overrides`, e.g. other evaluation prompts) and the weights
+    of its checkpoint (`checkpoint_dir` resolves a run dir), EMA ones where the run kept them; for evaluating,
+    sampling or comparing the run. `keep_reference`: a full fine-tune also keeps its base model (for `compare`)."""
+    ckpt = checkpoint_dir(checkpoint)
+    trainer = build_trainer(load_config(str(ckpt / "config.yaml"), overrides), keep_reference=keep_reference)
+    trainer.load(ckpt)
+    return trainer
+
+
 def evaluate(config: str | None = None, *, checkpoint: str | Path | None = None, **overrides: Any) -> dict[str, float]:
     """Evaluation metrics of a base model (`config`, default the `shapes` preset) or of a trained checkpoint (its
     run's config), exactly as training evaluates: its `eval_sampler`, seeded by `eval_seed`, EMA weights.
@@ -160,16 +192,37 @@ def evaluate(config: str | None = None, *, checkpoint: str | Path | None = None,
     if checkpoint is not None and config is not None:
         raise ValueError("give a config (evaluates its base model) or a checkpoint (uses its run's config), not both")
     if checkpoint is not None:
-        ckpt = checkpoint_dir(checkpoint)
-        cfg = load_config(str(ckpt / "config.yaml"), overrides)
+        trainer = load_run(checkpoint, **overrides)
     else:
-        cfg = load_config(config or "shapes", overrides)
-    if cfg.num_eval_prompts < 1:
-        raise ValueError(f"num_eval_prompts must be >= 1 to evaluate, got {cfg.num_eval_prompts}")
-    trainer = build_trainer(cfg)
-    if checkpoint is not None:
-        trainer.load(ckpt)
+        trainer = build_trainer(load_config(config or "shapes", overrides))
+    if trainer.cfg.num_eval_prompts < 1:
+        raise ValueError(f"num_eval_prompts must be >= 1 to evaluate, got {trainer.cfg.num_eval_prompts}")
     return trainer.evaluate()
+
+
+def compare(
+    checkpoint: str | Path,
+    prompts: Sequence[str] | str,
+    *,
+    seeds: Sequence[int] = (0,),
+    path: str | Path = "compare.png",
+    **overrides: Any,
+) -> Path:
+    """A before/after grid of a trained run on any prompts: its base model above its aligned (EMA) weights, from
+    the same noise for each seed, at the run's evaluation settings, each image scored by the run's reward.
+
+    `prompts` is a list, a prompt file or a built-in set ("shapes:eval/position"); `flowalign sample --checkpoint
+    RUN --compare` is the same from the command line. Returns the PNG's path (a JSON sidecar with the prompts,
+    rows and scores lies beside it).
+    """
+    prompt_list = load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
+    if not prompt_list or not seeds:
+        raise ValueError("compare needs at least one prompt and one seed")
+    trainer = load_run(checkpoint, keep_reference=True, **overrides)
+    rows = comparison_rows(trainer, prompt_list, list(seeds))
+    if trainer.accelerator.is_main_process:
+        write_grid(trainer, rows, prompt_list, path)
+    return Path(path)
 
 
 def checkpoint_dir(path: str | Path) -> Path:

@@ -121,38 +121,41 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
-    from flowalign.api import checkpoint_dir
     from flowalign.config import load_config, load_prompts
 
     prompts = list(args.prompt or []) + (load_prompts(args.prompts) if args.prompts else [])
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
+    if args.compare and not args.checkpoint:
+        raise ValueError("--compare draws a run's base model beside its aligned weights: give --checkpoint RUN_DIR")
+    from flowalign.api import build_trainer, comparison_rows, load_run, write_grid
+
     overrides = parse_overrides(extra)
     if args.checkpoint:
-        ckpt = checkpoint_dir(args.checkpoint)
-        cfg = load_config(str(ckpt / "config.yaml"), {**overrides, "max_steps": 0})
+        trainer = load_run(args.checkpoint, keep_reference=args.compare, **overrides)
     else:
-        cfg = load_config(None, {"model": args.model, **overrides})
-    from flowalign.api import build_trainer
-    from flowalign.grids import comparison_grid
-
-    trainer = build_trainer(cfg)
-    if args.checkpoint:
-        trainer.load(ckpt)
+        trainer = build_trainer(load_config(None, {"model": args.model, **overrides}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    seeds = range(args.seed, args.seed + args.n)
-    rows = {f"seed {s}": trainer.generate(prompts, s) for s in seeds}  # shared out over processes; the main one writes
+    seeds = list(range(args.seed, args.seed + args.n))
+    # Generation is shared out over processes (every one calls it); the main one writes.
+    if args.compare:
+        rows = comparison_rows(trainer, prompts, seeds)
+        files = [f"seed{s}_{kind}" for s in seeds for kind in ("base", "aligned")]
+    else:
+        rows = {f"seed {s}": trainer.generate(prompts, s) for s in seeds}
+        files = [f"seed{s}" for s in seeds]
     if not trainer.accelerator.is_main_process:
         return 0
     from PIL import Image
 
-    for s, images in zip(seeds, rows.values(), strict=True):
+    for stem, images in zip(files, rows.values(), strict=True):
         for j, img in enumerate(images):
             arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            Image.fromarray(arr).save(out / f"{j:03d}_seed{s}.png")
-    comparison_grid(rows, prompts, out / "grid.png")
-    print(f"wrote {len(prompts) * args.n} images and grid.png to {out}")
+            Image.fromarray(arr).save(out / f"{j:03d}_{stem}.png")
+    # A run's own reward scores its images; a bare model has no reward of its own to be judged by.
+    write_grid(trainer, rows, prompts, out / "grid.png", score=bool(args.checkpoint))
+    print(f"wrote {sum(len(r) for r in rows.values())} images and grid.png (+ grid.json) to {out}")
     return 0
 
 
@@ -213,7 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     s.add_argument("--prompts", default=None, help="text file, one prompt per line, or shapes:eval")
     s.add_argument("--n", type=int, default=1, help="seeds per prompt")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="first seed; seeds SEED .. SEED+N-1")
+    s.add_argument(
+        "--compare",
+        action="store_true",
+        help="with --checkpoint: the run's base model and its aligned weights from the same noise, row by row,"
+        " each image scored by the run's reward (a before/after grid on your prompts)",
+    )
     s.add_argument("--out", default="samples")
     e = sub.add_parser(
         "eval",

@@ -93,6 +93,9 @@ class GRPOTrainer:
         evaluator: optional `(images, prompts) -> {metric: value}` for richer eval reports (e.g. the
             shapes checker's per-category accuracy).
         reward_name: named in errors.
+        keep_reference: whether a full fine-tune keeps a frozen copy of its base model for drawing base images
+            (`reference_policy`); default: when it draws a before/after grid (`grid_prompts > 0`). A KL
+            (`kl_beta > 0`) always keeps one. LoRA needs no copy: its base model is the adapter switched off.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class GRPOTrainer:
         reward_name: str = "reward",
         accelerator: Accelerator | None = None,
         prompt_columns: dict[str, list] | None = None,
+        keep_reference: bool | None = None,
     ) -> None:
         cfg.validate()
         if not train_prompts:
@@ -148,8 +152,13 @@ class GRPOTrainer:
                 )
             # PEFT's gaussian init still zeros B, so the run starts exactly at the base model.
         else:
-            if cfg.kl_beta > 0:
-                self.ref_model = copy.deepcopy(transformer).requires_grad_(False).eval()
+            # A full fine-tune overwrites the base weights, so the base model survives only as a frozen copy: the
+            # KL's reference (beside the policy, used every step) and the before/after grid's base row (in CPU
+            # memory when only the grid needs it; `reference_policy` moves it over for those few images).
+            keep = cfg.grid_prompts > 0 if keep_reference is None else keep_reference
+            if cfg.kl_beta > 0 or keep:
+                ref = copy.deepcopy(transformer).requires_grad_(False).eval()
+                self.ref_model = ref if cfg.kl_beta > 0 else ref.to("cpu")
             transformer.requires_grad_(True)
         # Trainable weights in fp32 even when the frozen base is bf16: LoRA updates are tiny.
         self.params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
@@ -285,21 +294,28 @@ class GRPOTrainer:
     # ----------------------------------------------------------------------------------------- update
     @contextlib.contextmanager
     def reference_policy(self) -> Iterator[None]:
-        """The KL reference: the same transformer with LoRA disabled, or a frozen copy when fully fine-tuned."""
+        """The base model, for the KL and the before/after grid: the same transformer with LoRA disabled, or the
+        frozen copy a full fine-tune keeps (see `__init__`)."""
         transformer = self.adapter.transformer
-        if self.ref_model is None:
+        if self.cfg.lora_rank > 0:
             transformer.disable_adapters()
             try:
                 yield
             finally:
                 transformer.enable_adapters()
-        else:
-            pipe = self.adapter.pipe
-            pipe.transformer = self.ref_model
-            try:
-                yield
-            finally:
-                pipe.transformer = transformer
+            return
+        if self.ref_model is None:
+            raise ValueError(
+                "this full fine-tune kept no copy of its base model (kl_beta 0 and grid_prompts 0): build the trainer "
+                "with keep_reference=True, or set grid_prompts > 0, to draw base-model images"
+            )
+        pipe, home = self.adapter.pipe, next(self.ref_model.parameters()).device
+        pipe.transformer = self.ref_model.to(next(transformer.parameters()).device)
+        try:
+            yield
+        finally:
+            pipe.transformer = transformer
+            self.ref_model.to(home)
 
     def _optimizer_step(self) -> float:
         if self.accelerator.num_processes > 1:

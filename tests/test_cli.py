@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
 from flowalign.testing import tiny_sd3_pipeline
 
@@ -54,9 +56,34 @@ def test_cli_train_then_sample(tmp_path):
     assert (out / "checkpoints" / "latest").read_text() == "step_000002"
     assert (out / "grid.png").exists() and json.loads((out / "summary.json").read_text())["steps"] == 2
     assert (out / "metrics.png").stat().st_size > 1000
-    res = _run(["sample", "--checkpoint", "out", "--prompt", "a red circle", "--out", "samples"], tmp_path)
+    seed = str(yaml.safe_load((out / "config.yaml").read_text())["eval_seed"])
+    res = _run(
+        ["sample", "--checkpoint", "out", "--prompts", "prompts.txt", "--seed", seed, "--out", "samples"], tmp_path
+    )
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "samples" / "grid.png").exists()
+
+    # --compare in a new process: the run's base model above its aligned weights, from the same noise. At the eval
+    # seed on the eval prompts it must reproduce the grid training wrote at its end, scores included, and its
+    # aligned row must be what plain sampling of the checkpoint draws.
+    res = _run(
+        ["sample", "--checkpoint", "out", "--compare", "--prompts", "prompts.txt", "--seed", seed, "--out", "cmp"],
+        tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    run_grid, cmp_grid = (json.loads((d / "grid.json").read_text()) for d in (out, tmp_path / "cmp"))
+    assert cmp_grid["rows"] == run_grid["rows"] == ["base", "aligned"]
+    assert cmp_grid["prompts"] == run_grid["prompts"] == ["a red circle", "a blue square"]
+    for row in ("base", "aligned"):
+        assert cmp_grid["scores"][row] == pytest.approx(run_grid["scores"][row], abs=1e-6)
+    assert cmp_grid["scores"]["base"] != pytest.approx(cmp_grid["scores"]["aligned"], abs=1e-6)  # two policies
+    for j in range(2):
+        aligned = np.asarray(Image.open(tmp_path / "cmp" / f"{j:03d}_seed{seed}_aligned.png"))
+        assert np.array_equal(aligned, np.asarray(Image.open(tmp_path / "samples" / f"{j:03d}_seed{seed}.png")))
+        assert (tmp_path / "cmp" / f"{j:03d}_seed{seed}_base.png").exists()
+
+    res = _run(["sample", "--prompt", "a red circle", "--compare", "--out", "nothing"], tmp_path)
+    assert res.returncode == 2 and "give --checkpoint RUN_DIR" in res.stderr and not (tmp_path / "nothing").exists()
 
 
 def test_cli_eval_reproduces_the_runs_own_base_and_final_evaluations(tmp_path):

@@ -156,6 +156,28 @@ def test_two_processes_train_resume_and_evaluate_as_one_run(tmp_path):
     assert r0["scored"] == r1["scored"] == len(PROMPTS) // 2, "each process scores its share of the images, once"
 
 
+@pytest.mark.parametrize("lora_rank", [8, 0], ids=["lora", "full"])
+def test_comparison_rows_are_the_untrained_model_and_the_trained_one_from_the_same_noise(tmp_path, lora_rank):
+    """The before/after grid's base row must be the model as it was before training (LoRA off, or the frozen copy
+    of a full fine-tune), drawn from the noise of the aligned row, so the two differ only by training."""
+    from flowalign.api import comparison_rows
+
+    prompts = PROMPTS[:2]
+    untrained = _trainer(tmp_path / "untrained", lora_rank=lora_rank).generate(prompts, seed=3)
+    trainer = _trainer(tmp_path / "run", lora_rank=lora_rank, max_steps=2, learning_rate=1e-3, grid_prompts=2)
+    trainer.train(progress=False)
+    rows = comparison_rows(trainer, prompts, [3, 4])
+    assert list(rows) == ["base s3", "aligned s3", "base s4", "aligned s4"]
+    torch.testing.assert_close(rows["base s3"], untrained, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rows["aligned s4"], trainer.generate(prompts, seed=4), rtol=0, atol=0)
+    assert (rows["base s3"] - rows["aligned s3"]).abs().max() > 1e-3, "training changed the images"
+    assert (rows["base s3"] - rows["base s4"]).abs().max() > 1e-2, "each seed its own noise"
+    assert list(comparison_rows(trainer, prompts, [5])) == ["base", "aligned"]
+    if lora_rank == 0:  # a full fine-tune that draws no grid keeps no base copy: a clear error, not PEFT's
+        with pytest.raises(ValueError, match="kept no copy of its base model"):
+            comparison_rows(_trainer(tmp_path / "nogrid", lora_rank=0, grid_prompts=0), prompts, [3])
+
+
 def test_nan_reward_names_reward_and_step_and_keeps_checkpoint(tmp_path):
     calls = {"n": 0}
 
