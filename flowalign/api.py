@@ -132,10 +132,16 @@ def write_grid(
     trainer: GRPOTrainer, rows: dict[str, Tensor], prompts: Sequence[str], path: str | Path, *, score: bool = True
 ) -> Path:
     """Writes `rows` as a comparison grid PNG (+ JSON sidecar), each image scored by the trainer's reward when
-    `score`. Call it on the main process only."""
+    `score`. Call it on the main process only. A prompt the reward cannot judge (a caption outside the shapes
+    grammar, say) leaves the grid unscored, with a warning that says why, rather than no grid at all."""
     from flowalign.grids import comparison_grid
 
-    scores = {name: trainer.score(images, prompts).total.tolist() for name, images in rows.items()} if score else None
+    scores = None
+    if score:
+        try:
+            scores = {name: trainer.score(images, prompts).total.tolist() for name, images in rows.items()}
+        except ValueError as err:
+            logger.warning("grid left unscored: %s", err)
     return comparison_grid(rows, prompts, Path(path), scores=scores)
 
 

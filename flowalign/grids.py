@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,17 @@ def _to_pil(image: torch.Tensor, cell: int) -> Image.Image:
     # Nearest-neighbour keeps tiny images (32 px) honest: no smoothing that hides artefacts.
     resample = Image.NEAREST if pil.width < cell else Image.LANCZOS
     return pil.resize((cell, cell), resample)
+
+
+def _wrap(text: str, font: ImageFont.FreeTypeFont | ImageFont.ImageFont, width: int) -> list[str]:
+    """Greedy word wrap to `width` pixels as `font` draws them (a word longer than a line keeps its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 def comparison_grid(
@@ -37,22 +47,25 @@ def comparison_grid(
     for name, imgs in rows.items():
         if imgs.shape[0] != n:
             raise ValueError(f"row {name!r} has {imgs.shape[0]} images for {n} prompts")
-    font = ImageFont.load_default()
-    label_w, head_h, foot_h = 90, 44, 14 if scores else 0
-    width, height = label_w + n * cell, head_h + len(rows) * (cell + foot_h)
-    canvas = Image.new("RGB", (width, height), "white")
+    # Pillow's default font at its own 10 px draws spaces 2 px wide ("twosquares"); 12 px reads as words.
+    font, line_h, gap = ImageFont.load_default(size=12), 14, 6
+    label_w, head_h, foot_h = 90, 4 * line_h + 4, line_h + 2 if scores else 0
+    pitch_x, pitch_y = cell + gap, cell + foot_h + gap
+    canvas = Image.new("RGB", (label_w + n * pitch_x, head_h + len(rows) * pitch_y), "white")
     draw = ImageDraw.Draw(canvas)
     for j, prompt in enumerate(prompts):
-        lines = textwrap.wrap(prompt, width=max(8, cell // 6))[:4]
-        for li, line in enumerate(lines):
-            draw.text((label_w + j * cell + 2, 2 + 10 * li), line, fill="black", font=font)
+        for li, line in enumerate(_wrap(prompt, font, cell - 2)[:4]):
+            draw.text((label_w + j * pitch_x + 1, 2 + line_h * li), line, fill="black", font=font)
     for i, (name, imgs) in enumerate(rows.items()):
-        y = head_h + i * (cell + foot_h)
+        y = head_h + i * pitch_y
         draw.text((4, y + cell // 2 - 6), name, fill="black", font=font)
         for j in range(n):
-            canvas.paste(_to_pil(imgs[j], cell), (label_w + j * cell, y))
+            x = label_w + j * pitch_x
+            canvas.paste(_to_pil(imgs[j], cell), (x, y))
+            # A hairline frame: generated backgrounds are near-white, so cells would otherwise run together.
+            draw.rectangle((x - 1, y - 1, x + cell, y + cell), outline=(190, 190, 190))
             if scores and name in scores:
-                draw.text((label_w + j * cell + 2, y + cell + 1), f"{scores[name][j]:.2f}", fill="black", font=font)
+                draw.text((x + 1, y + cell + 1), f"{scores[name][j]:.2f}", fill="black", font=font)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
