@@ -51,3 +51,16 @@ def test_a_row_with_the_wrong_number_of_images_is_refused(tmp_path):
         comparison_grid(
             {"base": torch.zeros(2, 3, 8, 8), "aligned": torch.zeros(1, 3, 8, 8)}, ["a", "b"], tmp_path / "g"
         )
+
+
+def test_a_prompt_the_reward_cannot_judge_leaves_the_grid_unscored_with_a_warning(tmp_path, caplog):
+    from flowalign.api import write_grid
+
+    class Judge:  # stands in for a trainer whose reward refuses one caption, as the shapes checker does
+        def score(self, images, prompts):
+            raise ValueError("caption 'a cat' is outside the grammar of the built-in world")
+
+    rows = {"base": torch.zeros(2, 3, 8, 8), "aligned": torch.ones(2, 3, 8, 8)}
+    path = write_grid(Judge(), rows, ["a red circle", "a cat"], tmp_path / "g.png")
+    assert path.exists() and "scores" not in json.loads(path.with_suffix(".json").read_text())
+    assert "grid left unscored: caption 'a cat' is outside the grammar" in caplog.text
