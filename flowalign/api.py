@@ -198,11 +198,15 @@ def evaluate(config: str | None = None, *, checkpoint: str | Path | None = None,
     if checkpoint is not None and config is not None:
         raise ValueError("give a config (evaluates its base model) or a checkpoint (uses its run's config), not both")
     if checkpoint is not None:
-        trainer = load_run(checkpoint, **overrides)
+        ckpt = checkpoint_dir(checkpoint)
+        cfg = load_config(str(ckpt / "config.yaml"), overrides)
     else:
-        trainer = build_trainer(load_config(config or "shapes", overrides))
-    if trainer.cfg.num_eval_prompts < 1:
-        raise ValueError(f"num_eval_prompts must be >= 1 to evaluate, got {trainer.cfg.num_eval_prompts}")
+        cfg = load_config(config or "shapes", overrides)
+    if cfg.num_eval_prompts < 1:  # before any model loads
+        raise ValueError(f"num_eval_prompts must be >= 1 to evaluate, got {cfg.num_eval_prompts}")
+    trainer = build_trainer(cfg)
+    if checkpoint is not None:
+        trainer.load(ckpt)
     return trainer.evaluate()
 
 
