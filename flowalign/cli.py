@@ -128,13 +128,20 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
     if args.compare and not args.checkpoint:
         raise ValueError("--compare draws a run's base model beside its aligned weights: give --checkpoint RUN_DIR")
-    from flowalign.api import build_trainer, comparison_rows, load_run, write_grid
+    from flowalign.api import build_trainer, comparison_rows, load_run, recommended_sampling, write_grid
 
     overrides = parse_overrides(extra)
     if args.checkpoint:
         trainer = load_run(args.checkpoint, keep_reference=args.compare, **overrides)
     else:
-        trainer = build_trainer(load_config(None, {"model": args.model, **overrides}))
+        # A bare model samples as its card recommends (a zoo model ships its settings); --key value still wins.
+        trainer = build_trainer(
+            load_config(None, {"model": args.model, **recommended_sampling(args.model), **overrides})
+        )
+    cfg = trainer.cfg
+    guidance = cfg.guidance_scale if cfg.eval_guidance_scale is None else cfg.eval_guidance_scale
+    if trainer.accelerator.is_main_process:
+        print(f"sampling {cfg.model}: {cfg.eval_num_steps} steps ({cfg.eval_sampler}), CFG {guidance}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seed, args.seed + args.n))
@@ -211,7 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", default=None, help="checkpoint dir, or 'auto' for the output dir's latest")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = sub.add_parser("sample", help="draw images from a base model or a checkpoint")
-    s.add_argument("--model", default="shapes", help="zoo name, local dir or hub id")
+    s.add_argument(
+        "--model",
+        default="shapes",
+        help="zoo name (sampled as its model card recommends), local dir or hub id; --key value overrides any"
+        " config field, e.g. --eval-num-steps 28 --guidance-scale 3.5",
+    )
     s.add_argument("--checkpoint", default=None, help="a run dir or checkpoint dir from `flowalign train`")
     s.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     s.add_argument("--prompts", default=None, help="text file, one prompt per line, or shapes:eval")
