@@ -102,13 +102,15 @@ def build_trainer(cfg: TrainConfig, **kwargs: Any) -> GRPOTrainer:
     reward_fn, name = build_reward(cfg.reward, normalize=cfg.reward_normalize, log_tame=cfg.reward_log_tame)
     evaluator = shapes_evaluator if cfg.eval_prompts.startswith("shapes:") else None
     train_prompts, columns = load_prompt_set(cfg.prompts)
+    eval_prompts, eval_columns = load_prompt_set(cfg.eval_prompts)
     return GRPOTrainer(
         cfg,
         adapter,
         reward_fn,
         train_prompts,
-        load_prompts(cfg.eval_prompts),
+        eval_prompts,
         prompt_columns=columns,
+        eval_columns=eval_columns,
         evaluator=evaluator,
         reward_name=name,
         accelerator=accelerator,
@@ -144,17 +146,24 @@ def comparison_rows(trainer: GRPOTrainer, prompts: Sequence[str], seeds: Sequenc
 
 
 def write_grid(
-    trainer: GRPOTrainer, rows: dict[str, Tensor], prompts: Sequence[str], path: str | Path, *, score: bool = True
+    trainer: GRPOTrainer,
+    rows: dict[str, Tensor],
+    prompts: Sequence[str],
+    path: str | Path,
+    *,
+    score: bool = True,
+    columns: dict[str, list] | None = None,
 ) -> Path:
     """Writes `rows` as a comparison grid PNG (+ JSON sidecar), each image scored by the trainer's reward when
-    `score`. Call it on the main process only. A prompt the reward cannot judge (a caption outside the shapes
-    grammar, say) leaves the grid unscored, with a warning that says why, rather than no grid at all."""
+    `score` (`columns`: per-prompt extras the reward reads, e.g. reference images). Call it on the main process
+    only. A prompt the reward cannot judge (a caption outside the shapes grammar, a missing reference image) leaves
+    the grid unscored, with a warning that says why, rather than no grid at all."""
     from flowalign.grids import comparison_grid
 
     scores = None
     if score:
         try:
-            scores = {name: trainer.score(images, prompts).total.tolist() for name, images in rows.items()}
+            scores = {name: trainer.score(images, prompts, columns).total.tolist() for name, images in rows.items()}
         except ValueError as err:
             logger.warning("grid left unscored: %s", err)
     return comparison_grid(rows, prompts, Path(path), scores=scores)
@@ -168,14 +177,16 @@ def write_summary_and_grid(trainer: GRPOTrainer) -> RunSummary:
     base = {k: v for k, v in evals[0].items() if k.startswith("eval/")} if evals else {}
     final = {k: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else {}
     grid = None
-    distinct = list(dict.fromkeys(trainer.eval_prompts))  # an evaluation set may repeat prompts; a grid need not
-    n = min(trainer.cfg.grid_prompts, len(distinct))
-    if n:  # every process: generation is shared out over them
-        prompts = evenly_spaced(distinct, n)
+    # An evaluation set may repeat prompts (it cycles when short); a grid need not: each prompt's first occurrence.
+    first = [trainer.eval_prompts.index(p) for p in dict.fromkeys(trainer.eval_prompts)]
+    picked = evenly_spaced(first, min(trainer.cfg.grid_prompts, len(first)))
+    if picked:  # every process: generation is shared out over them
+        prompts = [trainer.eval_prompts[i] for i in picked]
         rows = comparison_rows(trainer, prompts, [trainer.cfg.eval_seed])
         grid = str(out / "grid.png")
         if trainer.accelerator.is_main_process:
-            write_grid(trainer, rows, prompts, grid)
+            columns = {k: [v[i] for i in picked] for k, v in trainer.eval_columns.items()}
+            write_grid(trainer, rows, prompts, grid, columns=columns)
     summary = RunSummary(str(out), trainer.step, base, final, grid)
     if trainer.accelerator.is_main_process:
         from flowalign.plots import plot_metrics

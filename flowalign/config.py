@@ -53,7 +53,7 @@ class TrainConfig:
     untrained_sampler: str = "ode"
     # --- data --------------------------------------------------------------------------------------
     prompts: str = "shapes:train"  # "shapes:train[_balanced]" | "shapes:eval" | "shapes:train_eval" | .txt/.jsonl
-    eval_prompts: str = "shapes:eval"
+    eval_prompts: str = "shapes:eval"  # the same forms; a .jsonl's extra fields reach the reward here too
     num_eval_prompts: int = 64  # fixed evaluation prompts (N spread evenly over the list; cycles if N is larger)
     prompts_per_step: int = 4  # P distinct prompts per step
     group_size: int = 8  # G samples per prompt (>= 2: advantages are relative within a group)

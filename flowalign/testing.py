@@ -248,9 +248,18 @@ def tiny_flux_pipeline(seed: int = 0, sample_size: int = 16, *, dtype: torch.dty
     return _finish(pipe, dtype)
 
 
-def tiny_trainer(output_dir, prompts: list[str], reward=None, *, rng_after_load: int | None = None, **over):
+def tiny_trainer(
+    output_dir,
+    prompts: list[str],
+    reward=None,
+    *,
+    rng_after_load: int | None = None,
+    columns: dict[str, list] | None = None,
+    **over,
+):
     """A `GRPOTrainer` on the tiny SD3 pipeline with settings small enough for a unit test (a 4-step schedule
-    1, 0.86, 0.60, 0.009, 0; LoRA rank 8; brightness reward); `over` replaces any config field.
+    1, 0.86, 0.60, 0.009, 0; LoRA rank 8; brightness reward); `over` replaces any config field; `columns`
+    (per-prompt extras for the reward) serve the training and the evaluation prompts alike.
 
     Building the tiny pipeline seeds the global RNG; loading real weights leaves it wherever it was.
     `rng_after_load` reseeds it after the build to stand for that arbitrary state."""
@@ -286,4 +295,12 @@ def tiny_trainer(output_dir, prompts: list[str], reward=None, *, rng_after_load:
     if rng_after_load is not None:
         torch.manual_seed(rng_after_load)
     adapter = adapter_for(pipe, max_sequence_length=8)
-    return GRPOTrainer(make_config(values), adapter, reward or brightness(), prompts, prompts)
+    return GRPOTrainer(
+        make_config(values),
+        adapter,
+        reward or brightness(),
+        prompts,
+        prompts,
+        prompt_columns=columns,
+        eval_columns=columns,
+    )

@@ -110,6 +110,7 @@ class GRPOTrainer:
         reward_name: str = "reward",
         accelerator: Accelerator | None = None,
         prompt_columns: dict[str, list] | None = None,
+        eval_columns: dict[str, list] | None = None,
         keep_reference: bool | None = None,
     ) -> None:
         cfg.validate()
@@ -117,14 +118,19 @@ class GRPOTrainer:
             raise ValueError("no training prompts")
         self.cfg, self.adapter, self.reward_fn = cfg, adapter, reward_fn
         self.train_prompts = list(train_prompts)
-        self.eval_prompts = evenly_spaced(list(eval_prompts), cfg.num_eval_prompts)
         self.evaluator, self.reward_name = evaluator, reward_name
         self.prompt_columns = dict(prompt_columns or {})
-        for key, values in self.prompt_columns.items():
-            if len(values) != len(self.train_prompts):
-                raise ValueError(
-                    f"prompt column {key!r} has {len(values)} values for {len(self.train_prompts)} prompts"
-                )
+        for name, prompts, columns in (
+            ("prompt", train_prompts, self.prompt_columns),
+            ("eval", eval_prompts, eval_columns),
+        ):
+            for key, values in (columns or {}).items():
+                if len(values) != len(prompts):
+                    raise ValueError(f"{name} column {key!r} has {len(values)} values for {len(prompts)} prompts")
+        # The evaluation prompts and their columns (e.g. DINO reference images) are picked together.
+        picked = evenly_spaced(list(range(len(eval_prompts))), cfg.num_eval_prompts)
+        self.eval_prompts = [eval_prompts[i] for i in picked]
+        self.eval_columns = {k: [v[i] for i in picked] for k, v in (eval_columns or {}).items()}
         self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
         self.device = self.accelerator.device
         self.out = Path(cfg.output_dir)
@@ -426,15 +432,16 @@ class GRPOTrainer:
             )
         return traj.images.float().cpu()
 
-    def _shared_out(self, prompts: Sequence[str], seed: int, work: Callable[[Tensor, Sequence[str]], Any]) -> list:
-        """`work(images, prompts)` on this process's batches, gathered in batch order on every process.
+    def _shared_out(self, prompts: Sequence[str], seed: int, work: Callable[[Tensor, int], Any]) -> list:
+        """`work(images, start)` on this process's batches (prompts[start : start + len(images)]), gathered in batch
+        order on every process.
 
         Batch k of `eval_batch_size` is seeded by (seed, its start) and made by process k mod num_processes, so N
         processes draw what one does and share the work. A collective: every process must call it."""
         size, acc = self.cfg.eval_batch_size, self.accelerator
         starts = range(0, len(prompts), size)
         mine = {
-            a: work(self._generate_batch(prompts[a : a + size], _seed(seed, a)), prompts[a : a + size])
+            a: work(self._generate_batch(prompts[a : a + size], _seed(seed, a)), a)
             for a in starts[acc.process_index :: acc.num_processes]
         }
         if acc.num_processes > 1:
@@ -455,7 +462,13 @@ class GRPOTrainer:
         if not self.eval_prompts:
             return {}
         t0 = time.perf_counter()
-        parts = self._shared_out(self.eval_prompts, self.cfg.eval_seed, lambda im, p: (im, self.score(im, p).total))
+
+        def judged(images: Tensor, start: int) -> tuple[Tensor, Tensor]:
+            end = start + len(images)
+            columns = {k: v[start:end] for k, v in self.eval_columns.items()}
+            return images, self.score(images, self.eval_prompts[start:end], columns).total
+
+        parts = self._shared_out(self.eval_prompts, self.cfg.eval_seed, judged)
         images, total = torch.cat([im for im, _ in parts]), torch.cat([r for _, r in parts])
         se = float(total.std() / len(total) ** 0.5) if len(total) > 1 else 0.0
         metrics = {"eval/reward_mean": float(total.mean()), "eval/reward_mean_se": se}

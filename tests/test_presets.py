@@ -19,6 +19,8 @@ def test_preset_is_valid_and_names_missing_weights(name):
     heads = [h["name"] for h in cfg.reward]
     assert heads[-1] in ("vlm_artifact", "artifact_head"), "every preset carries the artifact regularizer"
     assert "gate" in cfg.reward[-1]
+    if "dino_similarity" in heads:  # the head reads reference images in evaluation and grids too
+        assert cfg.prompts.endswith(".jsonl") and cfg.eval_prompts.endswith(".jsonl")
     with pytest.raises(FileNotFoundError) as err:
         build_reward(cfg.reward, normalize=cfg.reward_normalize, log_tame=cfg.reward_log_tame)
     msg = str(err.value)

@@ -178,6 +178,36 @@ def test_comparison_rows_are_the_untrained_model_and_the_trained_one_from_the_sa
             comparison_rows(_trainer(tmp_path / "nogrid", lora_rank=0, grid_prompts=0), prompts, [3])
 
 
+def test_evaluation_and_the_grid_give_the_reward_each_prompts_own_columns(tmp_path):
+    """A reward that reads a per-prompt column (as DINO similarity reads reference images) must get it with the
+    right prompts in evaluation and the end-of-run grid too, not only in training (evaluation used to call it
+    without columns, so a DINO run died at its step-0 evaluation). Here 6 evaluation entries cycle over 4 prompts
+    in batches of 4, so the columns must be picked and sliced with the prompts."""
+    from flowalign.api import write_summary_and_grid
+
+    target = {p: 0.1 * (k + 2) for k, p in enumerate(PROMPTS)}  # a per-prompt target brightness
+
+    def reward(images, prompts, target_brightness=None, **_):
+        if target_brightness is None:
+            raise ValueError("needs a 'target_brightness' column")
+        assert list(target_brightness) == [target[p] for p in prompts], "columns out of step with prompts"
+        return -(images.mean(dim=(1, 2, 3)) - torch.tensor(target_brightness)).abs()
+
+    columns = {"target_brightness": [target[p] for p in PROMPTS]}
+    trainer = _trainer(
+        tmp_path, reward, columns=columns, max_steps=1, num_eval_prompts=6, eval_batch_size=4, grid_prompts=3
+    )
+    metrics = trainer.evaluate()
+    images = trainer.generate(trainer.eval_prompts, seed=trainer.cfg.eval_seed)  # the same seeded batches
+    expected = reward(images, trainer.eval_prompts, [target[p] for p in trainer.eval_prompts])
+    assert trainer.eval_prompts == PROMPTS + PROMPTS[:2]
+    assert metrics["eval/reward_mean"] == pytest.approx(float(expected.mean()), abs=1e-6)
+    trainer.train(progress=False)
+    write_summary_and_grid(trainer)
+    grid = json.loads((tmp_path / "grid.json").read_text())
+    assert len(set(grid["prompts"])) == 3 and set(grid["scores"]) == {"base", "aligned"}
+
+
 def test_nan_reward_names_reward_and_step_and_keeps_checkpoint(tmp_path):
     calls = {"n": 0}
 
