@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 
@@ -22,16 +23,23 @@ def plot_metrics(run_dir: str | Path, path: str | Path | None = None) -> Path:
         steps = [r["step"] for r in train]
         mean = [r["reward/mean"] for r in train]
         std = [r["reward/std"] for r in train]
-        axes[0].plot(steps, mean, label="reward/mean")
         lo = [m - s for m, s in zip(mean, std, strict=True)]
         hi = [m + s for m, s in zip(mean, std, strict=True)]
-        axes[0].fill_between(steps, lo, hi, alpha=0.2)
+        axes[0].fill_between(steps, lo, hi, alpha=0.15, label="± std over the step's samples")
+        axes[0].plot(steps, mean, lw=0.8, alpha=0.5, label="reward/mean")
+        # One step's mean is mostly sampling noise; a trailing mean over ~5% of the run shows the trend.
+        window = max(1, len(mean) // 20)
+        trend = [statistics.fmean(mean[max(0, i + 1 - window) : i + 1]) for i in range(len(mean))]
+        axes[0].plot(steps, trend, color="C3", lw=2, label=f"mean of the last {window} steps")
         axes[2].plot(steps, [r.get("train/clip_frac", 0) for r in train], label="clip fraction")
         axes[2].plot(steps, [r.get("reward/zero_std_frac", 0) for r in train], label="zero-variance groups")
     axes[0].set_title("training reward (samples of the step)")
     keys = [k for k in ("eval/strict", "eval/partial", "eval/reward_mean") if evals and k in evals[0]]
     for key in keys[:2] if "eval/strict" in keys else keys[-1:]:
-        axes[1].plot([r["step"] for r in evals], [r[key] for r in evals], marker="o", label=key)
+        # Error bars: the evaluation's own standard error (which images were drawn), logged beside each mean.
+        err = [r.get(f"{key}_se", 0.0) for r in evals]
+        xs, ys = [r["step"] for r in evals], [r[key] for r in evals]
+        axes[1].errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{key} ± SE")
     axes[1].set_title("held-out evaluation (fixed-seed samples)")
     axes[2].set_title("training diagnostics")
     for ax in axes:
