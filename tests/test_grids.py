@@ -57,7 +57,7 @@ def test_a_prompt_the_reward_cannot_judge_leaves_the_grid_unscored_with_a_warnin
     from flowalign.api import write_grid
 
     class Judge:  # stands in for a trainer whose reward refuses one caption, as the shapes checker does
-        def score(self, images, prompts):
+        def score(self, images, prompts, columns=None):
             raise ValueError("caption 'a cat' is outside the grammar of the built-in world")
 
     rows = {"base": torch.zeros(2, 3, 8, 8), "aligned": torch.ones(2, 3, 8, 8)}
