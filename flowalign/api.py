@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowalign.config import TrainConfig, load_config, load_prompt_set, load_prompts
+from flowalign.config import TrainConfig, load_config, load_prompt_set
 from flowalign.trainer import GRPOTrainer, Rewards, evenly_spaced
 
 logger = logging.getLogger(__name__)
@@ -247,17 +247,18 @@ def compare(
     """A before/after grid of a trained run on any prompts: its base model above its aligned (EMA) weights, from
     the same noise for each seed, at the run's evaluation settings, each image scored by the run's reward.
 
-    `prompts` is a list, a prompt file or a built-in set ("shapes:eval/position"); `flowalign sample --checkpoint
+    `prompts` is a list, a prompt file (a .jsonl's extra fields, e.g. reference images, reach the reward) or a
+    built-in set ("shapes:eval/position"); `flowalign sample --checkpoint
     RUN --compare` is the same from the command line. Returns the PNG's path (a JSON sidecar with the prompts,
     rows and scores lies beside it).
     """
-    prompt_list = load_prompts(prompts) if isinstance(prompts, str) else list(prompts)
+    prompt_list, columns = load_prompt_set(prompts) if isinstance(prompts, str) else (list(prompts), {})
     if not prompt_list or not seeds:
         raise ValueError("compare needs at least one prompt and one seed")
     trainer = load_run(checkpoint, keep_reference=True, **overrides)
     rows = comparison_rows(trainer, prompt_list, list(seeds))
     if trainer.accelerator.is_main_process:
-        write_grid(trainer, rows, prompt_list, path)
+        write_grid(trainer, rows, prompt_list, path, columns=columns)
     return Path(path)
 
 

@@ -121,9 +121,12 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     import torch
 
-    from flowalign.config import load_config, load_prompts
+    from flowalign.config import load_config, load_prompt_set
 
-    prompts = list(args.prompt or []) + (load_prompts(args.prompts) if args.prompts else [])
+    file_prompts, file_columns = load_prompt_set(args.prompts) if args.prompts else ([], {})
+    prompts = list(args.prompt or []) + file_prompts
+    # A .jsonl's extra fields (e.g. reference images) let the reward score its images; --prompt entries have none.
+    columns = {} if args.prompt else file_columns
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
     if args.compare and not args.checkpoint:
@@ -161,7 +164,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
             arr = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
             Image.fromarray(arr).save(out / f"{j:03d}_{stem}.png")
     # A run's own reward scores its images; a bare model has no reward of its own to be judged by.
-    write_grid(trainer, rows, prompts, out / "grid.png", score=bool(args.checkpoint))
+    write_grid(trainer, rows, prompts, out / "grid.png", score=bool(args.checkpoint), columns=columns)
     print(f"wrote {sum(len(r) for r in rows.values())} images and grid.png (+ grid.json) to {out}")
     return 0
 

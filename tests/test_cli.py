@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -216,3 +217,38 @@ def test_sampling_the_built_in_model_uses_its_cards_settings_unless_overridden(t
     assert "sampling shapes: 20 steps (ode), CFG 4.5" in said["generic"]
     assert np.array_equal(images["default"], images["card"])
     assert not np.array_equal(images["default"], images["generic"])
+
+
+TARGET = {"a red circle": 0.3, "a blue square": 0.7}
+
+
+def _target_brightness(images, prompts, target=None, **_):
+    """A reward that reads a per-prompt column, as DINO similarity reads reference images."""
+    if target is None:
+        raise ValueError("needs a 'target' column")
+    assert list(target) == [TARGET[p] for p in prompts], "columns out of step with prompts"
+    return -(images.mean(dim=(1, 2, 3)) - torch.tensor(target)).abs()
+
+
+def test_compare_on_a_prompt_file_scores_with_its_columns(tmp_path, monkeypatch):
+    from flowalign import api
+    from rewards.base import REWARDS
+
+    if "target_brightness_test" not in REWARDS:
+        REWARDS.register("target_brightness_test")(lambda: _target_brightness)
+    _tiny_setup(tmp_path)
+    lines = [json.dumps({"prompt": p, "target": t}) for p, t in TARGET.items()]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = yaml.safe_load((tmp_path / "cfg.yaml").read_text())
+    cfg.update(reward="target_brightness_test", prompts="prompts.jsonl", eval_prompts="prompts.jsonl", max_steps=1)
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(tmp_path)
+    api.train("cfg.yaml", output_dir="out", progress=False)
+    seed = yaml.safe_load((tmp_path / "out" / "config.yaml").read_text())["eval_seed"]
+    path = api.compare("out", "prompts.jsonl", seeds=[seed], path="cmp.png")
+    run_grid, cmp_grid = (
+        json.loads(p.read_text()) for p in (tmp_path / "out" / "grid.json", path.with_suffix(".json"))
+    )
+    assert cmp_grid["prompts"] == run_grid["prompts"] == list(TARGET)
+    for row in ("base", "aligned"):  # scored with each prompt's own target, in training's grid and in compare's
+        assert cmp_grid["scores"][row] == pytest.approx(run_grid["scores"][row], abs=1e-6)
