@@ -34,7 +34,7 @@ def load_model(model: str, dtype: str = "float32"):
     if model in zoo.ZOO:
         pipe = zoo.load(model, torch_dtype=_DTYPES[dtype])
         return pipe, zoo.sampling_settings(model)
-    return load_pipeline(model, torch_dtype=_DTYPES[dtype]), {}
+    return load_pipeline(model, dtype=_DTYPES[dtype]), {}
 
 
 def recommended_sampling(model: str) -> dict[str, Any]:

@@ -64,6 +64,16 @@ def _not_found(model: str, why: str | None, detail: str) -> FileNotFoundError:
     return FileNotFoundError(f"model {model!r} is neither a local directory nor {where}{detail}. {fix}")
 
 
+def dtype_kwarg() -> str:
+    """`dtype` where diffusers accepts it (recent releases deprecate `torch_dtype`), else `torch_dtype`: older
+    releases would silently ignore an unknown `dtype` and load fp32, so the name is chosen, never guessed."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
 def load_pipeline(
     model: str | os.PathLike,
     *,
@@ -77,7 +87,7 @@ def load_pipeline(
         model: local directory (with `model_index.json`) or hub id such as
             "stabilityai/stable-diffusion-3.5-medium".
         family: "sd3" or "flux" to load that pipeline class; None lets diffusers pick it from `model_index.json`.
-        dtype: `torch_dtype` for every component (None: diffusers' default, fp32).
+        dtype: the dtype of every component (None: diffusers' default, fp32).
         **kwargs: forwarded to `from_pretrained` (`revision`, `variant`, `cache_dir`, `text_encoder_3=None`, ...).
 
     Without network (the Hub's host does not resolve) only the local cache is read, at once, instead of after
@@ -91,7 +101,7 @@ def load_pipeline(
 
     cls = DiffusionPipeline if family is None else ADAPTERS.get(family).pipeline_class
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs[dtype_kwarg()] = dtype
     name = os.fspath(model)
     local = Path(name).expanduser()
     if local.is_dir():

@@ -70,27 +70,20 @@ def load(
     """
     from diffusers import StableDiffusion3Pipeline
 
+    from flowalign.adapters import dtype_kwarg
+
     path = str(model_dir(name))
     pipe = StableDiffusion3Pipeline.from_pretrained(
         path,
         text_encoder_3=None,  # no T5: the saved index records it as absent, and the SD3 class requires the slot
         tokenizer_3=None,
         local_files_only=True,
-        **{_dtype_kwarg(): torch_dtype},
+        **{dtype_kwarg(): torch_dtype},
     )
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe = pipe.to(device)
     return pipe
-
-
-def _dtype_kwarg() -> str:
-    """`dtype` where diffusers accepts it (recent releases deprecate `torch_dtype`), else `torch_dtype`."""
-    try:
-        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
-    except ImportError:
-        return "torch_dtype"
-    return "dtype"
 
 
 __all__ = ["ZOO", "load", "model_dir", "sampling_settings"]
