@@ -73,6 +73,17 @@ def _can_compile(device: torch.device) -> bool:
     return True
 
 
+def _copy_to_cpu(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of `module` whose weights live on the CPU, made without a second copy on the accelerator: each
+    parameter and buffer is copied straight to CPU memory (tied weights stay tied), the rest is deep-copied."""
+    memo: dict[int, Any] = {}
+    for p in module.parameters():
+        memo.setdefault(id(p), torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=False))
+    for b in module.buffers():
+        memo.setdefault(id(b), b.detach().to("cpu", copy=True))
+    return copy.deepcopy(module, memo)
+
+
 def evenly_spaced(items: list, n: int) -> list:
     """`n` items spread evenly over the list (prompt sets are often grouped by category: never take a prefix); above
     the list's length it cycles, so a small held-out set can still be scored on enough images (each its own noise)."""
@@ -162,9 +173,10 @@ class GRPOTrainer:
             # KL's reference (beside the policy, used every step) and the before/after grid's base row (in CPU
             # memory when only the grid needs it; `reference_policy` moves it over for those few images).
             keep = cfg.grid_prompts > 0 if keep_reference is None else keep_reference
-            if cfg.kl_beta > 0 or keep:
-                ref = copy.deepcopy(transformer).requires_grad_(False).eval()
-                self.ref_model = ref if cfg.kl_beta > 0 else ref.to("cpu")
+            if cfg.kl_beta > 0:
+                self.ref_model = copy.deepcopy(transformer).requires_grad_(False).eval()
+            elif keep:
+                self.ref_model = _copy_to_cpu(transformer).requires_grad_(False).eval()
             transformer.requires_grad_(True)
         # Trainable weights in fp32 even when the frozen base is bf16: LoRA updates are tiny.
         self.params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}

@@ -208,6 +208,29 @@ def test_evaluation_and_the_grid_give_the_reward_each_prompts_own_columns(tmp_pa
     assert len(set(grid["prompts"])) == 3 and set(grid["scores"]) == {"base", "aligned"}
 
 
+def test_the_cpu_base_copy_never_duplicates_weights_where_they_live(monkeypatch):
+    """A full fine-tune's grid-only base copy goes to CPU memory; it must be made tensor by tensor into CPU memory
+    (deep-copying the module first would hold a second copy on the GPU: ~24 GB for FLUX in bf16), keep tied
+    weights tied, and leave the original untouched."""
+    from flowalign.trainer import _copy_to_cpu
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 4))
+    net[2].weight = net[0].weight  # tied, as embeddings often are
+    deep_copied = []
+    original = torch.nn.Parameter.__deepcopy__
+    monkeypatch.setattr(
+        torch.nn.Parameter, "__deepcopy__", lambda self, memo: deep_copied.append(self) or original(self, memo)
+    )
+    ref = _copy_to_cpu(net)
+    assert deep_copied == [], "no parameter may be deep-copied where it lives"
+    for (name, a), b in zip(net.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b) and b.device.type == "cpu" and a.data_ptr() != b.data_ptr(), name
+    assert ref[0].weight is ref[2].weight, "tied weights stay tied"
+    with torch.no_grad():
+        ref[1].running_mean.add_(1.0)
+    assert not torch.equal(ref[1].running_mean, net[1].running_mean), "the copy's buffers are its own"
+
+
 def test_nan_reward_names_reward_and_step_and_keeps_checkpoint(tmp_path):
     calls = {"n": 0}
 
