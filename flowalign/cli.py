@@ -142,9 +142,8 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
             load_config(None, {"model": args.model, **recommended_sampling(args.model), **overrides})
         )
     cfg = trainer.cfg
-    guidance = cfg.guidance_scale if cfg.eval_guidance_scale is None else cfg.eval_guidance_scale
     if trainer.accelerator.is_main_process:
-        print(f"sampling {cfg.model}: {cfg.eval_num_steps} steps ({cfg.eval_sampler}), CFG {guidance}")
+        print(f"sampling {cfg.model}: {cfg.eval_num_steps} steps ({cfg.eval_sampler}), CFG {cfg.eval_guidance}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seed, args.seed + args.n))

@@ -104,6 +104,11 @@ class TrainConfig:
     def batch_size(self) -> int:
         return self.prompts_per_step * self.group_size
 
+    @property
+    def eval_guidance(self) -> float:
+        """The guidance scale of evaluation, grids and `sample`."""
+        return self.guidance_scale if self.eval_guidance_scale is None else self.eval_guidance_scale
+
     def validate(self) -> None:
         """Raises ValueError naming the field and the fix."""
         if self.group_size < 2:

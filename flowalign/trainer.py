@@ -327,13 +327,16 @@ class GRPOTrainer:
                 "this full fine-tune kept no copy of its base model (kl_beta 0 and grid_prompts 0): build the trainer "
                 "with keep_reference=True, or set grid_prompts > 0, to draw base-model images"
             )
+        # The KL's copy already sits beside the policy (every step: nothing to move); the grid-only copy visits.
         pipe, home = self.adapter.pipe, next(self.ref_model.parameters()).device
-        pipe.transformer = self.ref_model.to(next(transformer.parameters()).device)
+        device = next(transformer.parameters()).device
+        pipe.transformer = self.ref_model if home == device else self.ref_model.to(device)
         try:
             yield
         finally:
             pipe.transformer = transformer
-            self.ref_model.to(home)
+            if home != device:
+                self.ref_model.to(home)
 
     def _optimizer_step(self) -> float:
         if self.accelerator.num_processes > 1:
@@ -428,7 +431,6 @@ class GRPOTrainer:
     @torch.no_grad()
     def _generate_batch(self, prompts: Sequence[str], seed: int) -> Tensor:
         cfg = self.cfg
-        guidance = cfg.eval_guidance_scale if cfg.eval_guidance_scale is not None else cfg.guidance_scale
         self.adapter.transformer.eval()
         gen = torch.Generator(device="cpu").manual_seed(seed)
         with self.ema_weights(), self.accelerator.autocast():
@@ -436,7 +438,7 @@ class GRPOTrainer:
                 self.adapter,
                 list(prompts),
                 num_steps=cfg.eval_num_steps,
-                guidance_scale=guidance,
+                guidance_scale=cfg.eval_guidance,
                 noise_level=0.0,
                 sde_steps=[],
                 generator=gen,
