@@ -252,3 +252,7 @@ def test_compare_on_a_prompt_file_scores_with_its_columns(tmp_path, monkeypatch)
     assert cmp_grid["prompts"] == run_grid["prompts"] == list(TARGET)
     for row in ("base", "aligned"):  # scored with each prompt's own target, in training's grid and in compare's
         assert cmp_grid["scores"][row] == pytest.approx(run_grid["scores"][row], abs=1e-6)
+    # and the aligned scores are the reward of the checkpoint's images against each prompt's own target
+    images = api.load_run("out").generate(list(TARGET), seed)
+    expected = [-abs(float(im.mean()) - t) for im, t in zip(images, TARGET.values(), strict=True)]
+    assert cmp_grid["scores"]["aligned"] == pytest.approx(expected, abs=1e-6)
