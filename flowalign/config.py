@@ -206,8 +206,12 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
-def read_yaml(source: str) -> dict[str, Any]:
-    """A YAML file path or a built-in preset name -> mapping."""
+def read_yaml(source: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML file path or a built-in preset name -> mapping, with its `base:` chain merged in.
+
+    `base: shapes` (a preset, or a YAML path relative to the file naming it) starts from that config, so a user's
+    file holds only what it changes: its keys win over the base's, as `--key value` wins over both.
+    """
     path = Path(source)
     if not path.exists():
         if source not in preset_names():
@@ -218,7 +222,22 @@ def read_yaml(source: str) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
-    return data
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base:
+        raise ValueError(f"{path}: base must name a preset or a YAML file, got {base!r}")
+    resolved = path.resolve()
+    if resolved in _seen:
+        chain = " -> ".join(str(p) for p in (*_seen, resolved))
+        raise ValueError(f"{path}: its base chain loops back to itself: {chain}")
+    relative = path.parent / base  # = base when base is absolute
+    base_source = base if base in preset_names() and not relative.exists() else str(relative)
+    try:
+        merged = read_yaml(base_source, (*_seen, resolved))
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{path}: base {base!r}: {err}") from None
+    return {**merged, **data}
 
 
 def load_config(source: str | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:

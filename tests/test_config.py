@@ -73,3 +73,29 @@ def test_on_off_keys_stand_alone_on_the_command_line():
         parse_overrides(["--no-max-steps"])  # not an on/off key, so not a negation
     with pytest.raises(ValueError, match="--seed needs a value"):
         parse_overrides(["--seed", "--no-credit-constrained"])
+
+
+def test_a_yaml_starts_from_its_base_and_changes_only_what_it_names(tmp_path):
+    """`base:` chains (a preset, then a file relative to the one naming it): later keys win, overrides win over all."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "mine.yaml").write_text("base: shapes\nlearning_rate: 1.0e-4\nmax_steps: 50\n")
+    (tmp_path / "short.yaml").write_text("base: sub/mine.yaml\nmax_steps: 5\n")
+    preset = read_yaml("shapes")
+    cfg = load_config(str(tmp_path / "short.yaml"), {"seed": 3})
+    assert (cfg.learning_rate, cfg.max_steps, cfg.seed) == (1.0e-4, 5, 3)
+    expected = make_config({**preset, "learning_rate": 1.0e-4, "max_steps": 5, "seed": 3})
+    assert cfg == expected and cfg.num_steps == preset["num_steps"] and cfg.lora_min_sigma == preset["lora_min_sigma"]
+    assert "base" not in to_yaml(cfg)  # a run's config.yaml is resolved: it stands alone
+
+
+def test_bad_bases_are_named(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nseed: 1\n")
+    with pytest.raises(ValueError, match="loops back"):
+        read_yaml(str(tmp_path / "a.yaml"))
+    (tmp_path / "c.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="base 'nowhere.yaml'.*neither a YAML file nor a built-in preset"):
+        read_yaml(str(tmp_path / "c.yaml"))
+    (tmp_path / "d.yaml").write_text("base: [shapes]\n")
+    with pytest.raises(ValueError, match="base must name a preset or a YAML file"):
+        read_yaml(str(tmp_path / "d.yaml"))
