@@ -269,7 +269,18 @@ def test_evaluate_reports_overall_and_per_category_means() -> None:
         assert report[f"{cat}/strict"] == pytest.approx(p)
         assert report[f"{cat}/strict_se"] == pytest.approx(np.sqrt(variances[-1]))
     assert report["strict_se"] == pytest.approx(np.sqrt(sum(variances)) / len(cats))
-    assert shapes.evaluate(images, caps)["partial_se"] == 0.0  # every render met every constraint
+    # every render met every constraint: no sample spread, so each category's error is the pseudo-count one,
+    # sqrt(p(1-p)/(n+1)) with p = (n + 1/2)/(n + 1), not a claim of certainty
+    report = shapes.evaluate(images, caps)
+    floors = []
+    for cat in cats:
+        n = report[f"{cat}/n"]
+        p = (n + 0.5) / (n + 1)
+        floors.append(p * (1 - p) / (n + 1))
+        assert report[f"{cat}/strict_se"] == report[f"{cat}/partial_se"] == pytest.approx(np.sqrt(floors[-1]))
+    assert report["partial_se"] == pytest.approx(np.sqrt(sum(floors)) / len(cats)) and 0 < report["partial_se"] < 0.05
+    single = shapes.evaluate(arr[:1], caps[:1])  # one blank image: a failure known with little certainty
+    assert single["strict"] == 0.0 and single["strict_se"] == pytest.approx(np.sqrt(0.25 * 0.75 / 2))
     with pytest.raises(ValueError, match="pass one caption per image"):
         shapes.evaluate(arr, caps[:-1])
 
