@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from flowalign.config import TrainConfig, load_config, load_prompt_set
-from flowalign.trainer import GRPOTrainer, Rewards, evenly_spaced
+from flowalign.trainer import GRPOTrainer, Rewards, check_trackers, evenly_spaced, make_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +95,7 @@ def shapes_evaluator(images: torch.Tensor, prompts: list[str]) -> dict[str, floa
 
 
 def build_trainer(cfg: TrainConfig, **kwargs: Any) -> GRPOTrainer:
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+    accelerator = make_accelerator(cfg)
     adapter = build_adapter(cfg, accelerator.device)
     reward_fn, name = build_reward(cfg.reward, normalize=cfg.reward_normalize, log_tame=cfg.reward_log_tame)
     evaluator = shapes_evaluator if cfg.eval_prompts.startswith("shapes:") else None
@@ -199,6 +197,7 @@ def write_summary_and_grid(trainer: GRPOTrainer) -> RunSummary:
 def train(config: str | None = "shapes", *, resume: str | None = None, progress: bool = True, **overrides: Any):
     """Runs a training job from a preset/YAML plus overrides; returns its RunSummary."""
     cfg = load_config(config, overrides)
+    check_trackers(cfg.log_with)  # before the model loads (minutes for FLUX)
     trainer = build_trainer(cfg)
     trainer.train(resume=resume, progress=progress)
     return write_summary_and_grid(trainer)
@@ -209,7 +208,8 @@ def load_run(checkpoint: str | Path, *, keep_reference: bool = False, **override
     of its checkpoint (`checkpoint_dir` resolves a run dir), EMA ones where the run kept them; for evaluating,
     sampling or comparing the run. `keep_reference`: a full fine-tune also keeps its base model (for `compare`)."""
     ckpt = checkpoint_dir(checkpoint)
-    trainer = build_trainer(load_config(str(ckpt / "config.yaml"), overrides), keep_reference=keep_reference)
+    cfg = load_config(str(ckpt / "config.yaml"), {"log_with": (), **overrides})  # no tracker: nothing trains
+    trainer = build_trainer(cfg, keep_reference=keep_reference)
     trainer.load(ckpt)
     return trainer
 
@@ -223,6 +223,7 @@ def evaluate(config: str | None = None, *, checkpoint: str | Path | None = None,
     """
     if checkpoint is not None and config is not None:
         raise ValueError("give a config (evaluates its base model) or a checkpoint (uses its run's config), not both")
+    overrides = {"log_with": (), **overrides}  # nothing trains: no tracker
     if checkpoint is not None:
         ckpt = checkpoint_dir(checkpoint)
         cfg = load_config(str(ckpt / "config.yaml"), overrides)

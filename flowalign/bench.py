@@ -85,9 +85,11 @@ def run_bench(
 ) -> Path:
     """Trains `config` (+ overrides) for each seed 0..seeds-1 within the budget and writes the JSON report."""
     from flowalign.api import build_trainer
+    from flowalign.trainer import check_trackers
 
     overrides = dict(overrides or {})
     base = load_config(config, overrides)
+    check_trackers(base.log_with)
     root = Path(overrides.get("output_dir", base.output_dir + "_bench"))
     runs = []
     for seed in range(seeds):

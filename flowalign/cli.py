@@ -62,7 +62,8 @@ def banner(trainer) -> str:
         f"{f' (on at sigma >= {cfg.lora_min_sigma}, the base model below)' if cfg.lora_min_sigma else ''}:"
         f" {sum(p.numel() for p in trainer.params.values()):,} trainable parameters; lr {cfg.learning_rate}"
         f"{'; compiled' if trainer.compiled else ''}",
-        f"  {cfg.max_steps} steps -> {cfg.output_dir}",
+        f"  {cfg.max_steps} steps -> {cfg.output_dir}"
+        + (f" (also logged to {', '.join(cfg.log_with)}, project 'flowalign')" if cfg.log_with else ""),
     ]
     return "\n".join(lines)
 
@@ -98,8 +99,10 @@ def _table(base: dict[str, float], final: dict[str, float]) -> str:
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from flowalign.api import build_trainer, write_summary_and_grid
     from flowalign.config import load_config
+    from flowalign.trainer import check_trackers
 
     cfg = load_config(args.config, parse_overrides(extra))
+    check_trackers(cfg.log_with)  # before the model loads
     trainer = build_trainer(cfg)
     if trainer.accelerator.is_main_process:
         print(banner(trainer), flush=True)

@@ -18,6 +18,18 @@ from typing import Any
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
+# accelerate's experiment trackers (`log_with`) -> the pip package each needs.
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "comet_ml": "comet-ml",
+    "aim": "aim",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,9 @@ class TrainConfig:
     # batches are shared out over processes, so evaluation is the same on 1 or N processes (not across batch sizes)
     grid_prompts: int = 8  # prompts in the before/after grid (0 = no grid)
     device: str | None = None  # None = accelerate's choice
+    # Experiment trackers, through accelerate (tensorboard, wandb, mlflow, ...: TRACKERS): every metrics.jsonl
+    # record also goes to them, under the project "flowalign" (TensorBoard: <output_dir>/flowalign/).
+    log_with: tuple[str, ...] = ()
 
     @property
     def batch_size(self) -> int:
@@ -145,6 +160,9 @@ class TrainConfig:
         }.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in self.log_with:
+            if name not in TRACKERS:
+                raise ValueError(f"log_with: unknown tracker {name!r}; use any of {', '.join(TRACKERS)}")
 
 
 def field_names() -> list[str]:
@@ -176,7 +194,7 @@ def _coerce(name: str, value: Any) -> Any:
     if hint is Any:
         return value
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
+        items = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
         inner = args[0] if args else str
         return tuple(inner(x.strip()) if isinstance(x, str) else inner(x) for x in items)
     if hint is bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -92,6 +93,31 @@ def evenly_spaced(items: list, n: int) -> list:
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's Accelerator: precision, device, and the experiment trackers of `log_with` (started by `train`)."""
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=cfg.device == "cpu",
+        log_with=list(cfg.log_with) or None,
+        project_dir=cfg.output_dir,
+    )
+
+
+def check_trackers(names: Sequence[str]) -> None:
+    """One clear error for a `log_with` tracker whose package is missing: accelerate would drop it silently, and a
+    run meant for W&B would log only to metrics.jsonl. Called before a run loads its model and again by `train`."""
+    import accelerate.utils
+
+    from flowalign.config import TRACKERS
+
+    missing = [n for n in names if not getattr(accelerate.utils, f"is_{n}_available", lambda: False)()]
+    if missing:
+        raise ValueError(
+            f"log_with: {', '.join(missing)} not installed here; pip install {' '.join(TRACKERS[n] for n in missing)}"
+            " or drop it from log_with (metrics.jsonl is written either way)"
+        )
+
+
 class GRPOTrainer:
     """Flow-GRPO / TP-GRPO on a diffusers flow pipeline through a `FlowAdapter`.
 
@@ -142,7 +168,7 @@ class GRPOTrainer:
         picked = evenly_spaced(list(range(len(eval_prompts))), cfg.num_eval_prompts)
         self.eval_prompts = [eval_prompts[i] for i in picked]
         self.eval_columns = {k: [v[i] for i in picked] for k, v in (eval_columns or {}).items()}
-        self.accelerator = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.device == "cpu")
+        self.accelerator = accelerator or make_accelerator(cfg)
         self.device = self.accelerator.device
         self.out = Path(cfg.output_dir)
         self.step = 0
@@ -549,6 +575,8 @@ class GRPOTrainer:
         if self.accelerator.is_main_process:
             with open(self.out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.accelerator.trackers:
+            self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def _truncate_metrics(self) -> None:
         """On resume, drop log lines written after the checkpoint so the log equals an uninterrupted run's."""
@@ -595,6 +623,7 @@ class GRPOTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
+        check_trackers(cfg.log_with)
         self.out.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
             (self.out / "config.yaml").write_text(to_yaml(cfg))
@@ -603,6 +632,13 @@ class GRPOTrainer:
             self._truncate_metrics()
         elif (self.out / "metrics.jsonl").exists() and self.accelerator.is_main_process:
             (self.out / "metrics.jsonl").unlink()
+        if cfg.log_with:  # on the main process only (accelerate); every process may call it
+            scalar = (bool, int, float, str, type(None))  # what every tracker's hyperparameter table takes
+            hparams = {k: v if isinstance(v, scalar) else json.dumps(v) for k, v in dataclasses.asdict(cfg).items()}
+            # TensorBoard drops what an interrupted run wrote after the checkpoint (or a fresh run's predecessor in
+            # this directory wrote at all), as metrics.jsonl does.
+            kwargs = {"wandb": {"name": self.out.name}, "tensorboard": {"purge_step": self.step + 1 if resume else 0}}
+            self.accelerator.init_trackers("flowalign", config=hparams, init_kwargs=kwargs)
         records = []
         if self.step == 0 and not resume:
             rec = {"step": 0, **self.evaluate()}
@@ -632,5 +668,8 @@ class GRPOTrainer:
                 self.save()
             if last:
                 break
+        for tracker in self.accelerator.trackers:  # not accelerator.end_training(): it ends the process group too
+            tracker.finish()
+        self.accelerator.trackers.clear()
         self.accelerator.wait_for_everyone()  # the log and checkpoint are complete before any process reads them
         return records
