@@ -23,7 +23,7 @@ from flowalign.trainer import GRPOTrainer, Rewards, check_trackers, evenly_space
 
 logger = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_model(model: str, dtype: str = "float32"):
@@ -32,9 +32,9 @@ def load_model(model: str, dtype: str = "float32"):
     from flowalign.adapters import load_pipeline
 
     if model in zoo.ZOO:
-        pipe = zoo.load(model, torch_dtype=_DTYPES[dtype])
+        pipe = zoo.load(model, torch_dtype=DTYPES[dtype])
         return pipe, zoo.sampling_settings(model)
-    return load_pipeline(model, dtype=_DTYPES[dtype]), {}
+    return load_pipeline(model, dtype=DTYPES[dtype]), {}
 
 
 def recommended_sampling(model: str) -> dict[str, Any]:
@@ -261,6 +261,17 @@ def compare(
     if trainer.accelerator.is_main_process:
         write_grid(trainer, rows, prompt_list, path, columns=columns)
     return Path(path)
+
+
+def export(checkpoint: str | Path, out: str | Path, *, merged: bool = False, dtype: str | None = None):
+    """A trained run as a diffusers LoRA file (`pipe.load_lora_weights(out)`) or, `merged` / a full fine-tune, a
+    whole pipeline (`from_pretrained(out)`): its EMA weights where it kept them. Returns `flowalign.export.Export`,
+    whose `usage` is the Python that loads it (also in out/export.json). See `flowalign.export`."""
+    from flowalign.export import export_run
+
+    # nothing trains: no compiled wrapper around the transformer, no KL copy of a full fine-tune's base
+    trainer = load_run(checkpoint, compile=False, kl_beta=0.0)
+    return export_run(trainer, out, merged=merged, dtype=dtype)
 
 
 def checkpoint_dir(path: str | Path) -> Path:

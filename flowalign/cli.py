@@ -1,4 +1,4 @@
-"""`flowalign` command line: train | sample | eval | bench | artifact. The only place that prints."""
+"""`flowalign` command line: train | sample | eval | bench | export | artifact. The only place that prints."""
 
 from __future__ import annotations
 
@@ -203,6 +203,20 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from flowalign.api import export
+
+    if extra:
+        raise ValueError(f"unexpected arguments: {' '.join(extra)}")
+    result = export(args.checkpoint, args.out, merged=args.merged, dtype=args.dtype)
+    what = "a diffusers LoRA" if result.kind == "lora" else "a diffusers pipeline"
+    print(f"wrote {what} to {result.path} (step {result.step}{', EMA weights' if result.ema else ''}); load it with:")
+    print("\n".join("  " + line for line in result.usage.splitlines()))
+    settings = ", ".join(f"{k} {v}" for k, v in result.sampling.items())
+    print(f"the run's figures were measured with {settings} (in {result.path}/export.json)")
+    return 0
+
+
 def cmd_artifact(args: argparse.Namespace, extra: list[str]) -> int:
     if not extra or extra[0] != "train":
         raise ValueError("usage: flowalign artifact train --clean DIR --artifact DIR --out HEAD.safetensors [...]")
@@ -259,6 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=None, help="budget: training seconds per seed")
     b.add_argument("--out", default=None, help="JSON path (default: <output_dir>_bench/bench.json)")
     b.add_argument("--no-progress", action="store_true")
+    x = sub.add_parser(
+        "export",
+        help="a trained run as a diffusers LoRA (pipe.load_lora_weights) or a whole pipeline (from_pretrained)",
+    )
+    x.add_argument("checkpoint", help="a run dir or checkpoint dir from `flowalign train`")
+    x.add_argument("--out", required=True, help="a new directory")
+    x.add_argument("--merged", action="store_true", help="fuse a LoRA into the transformer; save the whole pipeline")
+    x.add_argument("--dtype", default=None, help="a saved pipeline's transformer dtype (default float32: exact)")
     a = sub.add_parser("artifact", help="artifact regularizer tools: flowalign artifact train --clean DIR ...")
     a.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
@@ -291,12 +313,13 @@ def main(argv: list[str] | None = None) -> int:
         "sample": cmd_sample,
         "eval": cmd_eval,
         "bench": cmd_bench,
+        "export": cmd_export,
         "artifact": cmd_artifact,
     }
     handler = handlers[args.command]
     try:
         return handler(args, extra)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError) as err:
         print(f"flowalign {args.command}: error: {err}", file=sys.stderr)
         return 2
 
