@@ -255,11 +255,13 @@ def tiny_trainer(
     *,
     rng_after_load: int | None = None,
     columns: dict[str, list] | None = None,
+    family: str = "sd3",
     **over,
 ):
     """A `GRPOTrainer` on the tiny SD3 pipeline with settings small enough for a unit test (a 4-step schedule
     1, 0.86, 0.60, 0.009, 0; LoRA rank 8; brightness reward); `over` replaces any config field; `columns`
-    (per-prompt extras for the reward) serve the training and the evaluation prompts alike.
+    (per-prompt extras for the reward) serve the training and the evaluation prompts alike; `family="flux"` builds
+    the tiny FLUX pipeline instead.
 
     Building the tiny pipeline seeds the global RNG; loading real weights leaves it wherever it was.
     `rng_after_load` reseeds it after the build to stand for that arbitrary state."""
@@ -291,7 +293,7 @@ def tiny_trainer(
         grid_prompts=0,
     )
     values.update(over)
-    pipe = tiny_sd3_pipeline(seed=0)
+    pipe = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}[family](seed=0)
     if rng_after_load is not None:
         torch.manual_seed(rng_after_load)
     adapter = adapter_for(pipe, max_sequence_length=8)

@@ -13,7 +13,7 @@ from diffusers import StableDiffusion3Pipeline
 import flowalign.zoo
 from flowalign.export import export_run
 from flowalign.lora_window import limit_lora
-from flowalign.testing import tiny_sd3_pipeline, tiny_trainer
+from flowalign.testing import tiny_flux_pipeline, tiny_sd3_pipeline, tiny_trainer
 
 PROMPTS = ["a red circle", "a blue square"]
 
@@ -41,18 +41,19 @@ def _trained(tmp_path, **over):
     return trainer, evaluated
 
 
-def test_a_gated_lora_loads_into_a_stock_pipeline_and_draws_the_runs_ema_images(tmp_path):
-    trainer, evaluated = _trained(tmp_path, sde_window=1, sde_window_max_start=0, lora_min_sigma=0.8)
+@pytest.mark.parametrize(("family", "timestep_per_sigma"), [("sd3", 1000), ("flux", 1)])
+def test_a_gated_lora_loads_into_a_stock_pipeline_and_draws_the_runs_ema_images(tmp_path, family, timestep_per_sigma):
+    trainer, evaluated = _trained(tmp_path, family=family, sde_window=1, sde_window_max_start=0, lora_min_sigma=0.8)
     result = export_run(trainer, tmp_path / "lora")
     assert result.kind == "lora" and result.ema and result.lora_min_sigma == 0.8 and result.step == 2
     assert json.loads((tmp_path / "lora" / "export.json").read_text())["usage"] == result.usage
-    assert "limit_lora(pipe.transformer, 0.8, 1000)" in result.usage
+    assert f"limit_lora(pipe.transformer, 0.8, {timestep_per_sigma})" in result.usage
 
-    pipe = tiny_sd3_pipeline(seed=0)  # the same base model, built again
+    pipe = {"sd3": tiny_sd3_pipeline, "flux": tiny_flux_pipeline}[family](seed=0)  # the same base model, rebuilt
     pipe.load_lora_weights(tmp_path / "lora")
     with torch.no_grad():
         everywhere = _stock(pipe)
-        limit_lora(pipe.transformer, 0.8, 1000)
+        limit_lora(pipe.transformer, 0.8, timestep_per_sigma)
         gated = _stock(pipe)
     assert (gated - evaluated).abs().max() <= 1e-5
     assert not torch.allclose(everywhere, evaluated, atol=1e-4)  # the gate is part of the model
