@@ -2,7 +2,8 @@
 
     python bench/bench_core.py                 # tiny SD3 on CPU (and the shapes model if installed)
     python bench/bench_core.py --sd35m         # + a random-weight transformer of SD3.5-Medium's shape at 512 px,
-                                               #   bf16, on CUDA (skipped without a GPU)
+                                               #   bf16, on CUDA (skipped without a GPU), without and with
+                                               #   gradient checkpointing
 
 Peak memory: CUDA max allocated on GPU; process max RSS on CPU (includes the Python/torch baseline).
 """
@@ -44,7 +45,9 @@ def _time(fn, repeats: int, device: torch.device) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def bench_adapter(name: str, adapter, *, batch: int, steps: int, guidance: float, repeats: int, device) -> dict:
+def bench_adapter(
+    name: str, adapter, *, batch: int, steps: int, guidance: float, repeats: int, device, checkpointing: bool = False
+) -> dict:
     prompts = ["a red circle to the left of a blue square"] * batch
     gen = torch.Generator().manual_seed(0)
     cond = adapter.encode(prompts, guidance)
@@ -67,6 +70,7 @@ def bench_adapter(name: str, adapter, *, batch: int, steps: int, guidance: float
             max_steps=1,
             output_dir=tempfile.mkdtemp(),
             device=str(device.type),
+            gradient_checkpointing=checkpointing,
         )
     )
     trainer = GRPOTrainer(cfg, adapter, lambda im, p, **_: im.mean(dim=(1, 2, 3)), prompts, [])
@@ -80,6 +84,7 @@ def bench_adapter(name: str, adapter, *, batch: int, steps: int, guidance: float
         "rollout_samples_per_s": batch / t_roll,
         "grpo_step_samples_per_s": cfg.batch_size / t_step,
         "grpo_step_s": t_step,
+        "gradient_checkpointing": checkpointing,
         "peak_memory_mb": _peak_mb(device),
     }
 
@@ -165,18 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.sd35m:
         if torch.cuda.is_available():
             dev = torch.device("cuda")
-            torch.cuda.reset_peak_memory_stats(dev)
-            results.append(
-                bench_adapter(
-                    "sd3.5-medium-shape-random",
-                    sd35m_adapter(dev),
-                    batch=8,
-                    steps=10,
-                    guidance=4.5,
-                    repeats=args.repeats,
-                    device=dev,
+            for checkpointing in (False, True):  # the peak of one GRPO step, without and with recomputation
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
+                results.append(
+                    bench_adapter(
+                        "sd3.5-medium-shape-random",
+                        sd35m_adapter(dev),
+                        batch=8,
+                        steps=10,
+                        guidance=4.5,
+                        repeats=args.repeats,
+                        device=dev,
+                        checkpointing=checkpointing,
+                    )
                 )
-            )
         else:
             results.append({"model": "sd3.5-medium-shape-random", "skipped": "no CUDA device"})
     json.dump(

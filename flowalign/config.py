@@ -43,6 +43,9 @@ class TrainConfig:
     # torch.compile the transformer (rollouts, replays, evaluation): ~12% faster steps on the shapes model on CPU,
     # after ~20 s of compiling. On CPU it needs a C++ compiler; without one the run warns and stays eager.
     compile: bool = False
+    # Recompute each transformer block's activations in the backward pass instead of keeping them: less memory per
+    # training sample (what fits FLUX on one GPU) for roughly one more forward pass per update; same gradients.
+    gradient_checkpointing: bool = False
     max_sequence_length: int | None = None  # text tokens; None = the model's recommended value
     # --- sampling ----------------------------------------------------------------------------------
     num_steps: int = 10  # denoising steps while training (Flow-GRPO trains with fewer than it evaluates)

@@ -238,6 +238,10 @@ class GRPOTrainer:
                     "lower it to the trained window's last sigma or narrow the window (sde_window)"
                 )
             limit_lora(transformer, cfg.lora_min_sigma, adapter.timestep_per_sigma)
+        if cfg.gradient_checkpointing:
+            if not getattr(transformer, "_supports_gradient_checkpointing", False):
+                raise ValueError(f"{type(transformer).__name__} does not support gradient_checkpointing; turn it off")
+            transformer.enable_gradient_checkpointing()  # only where grad is on: sampling is unchanged
         self.compiled = cfg.compile and _can_compile(self.device)
         if self.compiled:
             transformer.compile()  # in place, after LoRA and its gate, so both are inside what is compiled

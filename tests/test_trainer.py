@@ -106,6 +106,28 @@ def test_compile_without_a_cpp_compiler_warns_and_stays_eager(tmp_path, caplog):
     assert not trainer.compiled and "No working C++ compiler" in caplog.text and "running eager" in caplog.text
 
 
+@pytest.mark.parametrize("lora_rank", [8, 0], ids=["lora-gated", "full"])
+def test_gradient_checkpointing_recomputes_blocks_and_trains_to_the_same_weights(tmp_path, lora_rank):
+    gate = {"sde_window": 1, "sde_window_max_start": 0, "lora_min_sigma": 0.8} if lora_rank else {}
+    runs = {}
+    for ckpt in (False, True):
+        trainer = _trainer(tmp_path / str(ckpt), lora_rank=lora_rank, max_steps=2, gradient_checkpointing=ckpt, **gate)
+        calls: list[bool] = []
+        block = trainer.adapter.transformer.transformer_blocks[0]
+        # a pre-hook: checkpoint's recomputation stops early, before a forward hook would run
+        block.register_forward_pre_hook(lambda *_, calls=calls: calls.append(torch.is_grad_enabled()))
+        start = {n: p.detach().clone() for n, p in trainer.params.items()}
+        trainer.train(progress=False)
+        runs[ckpt] = trainer, calls, start
+    (plain, plain_calls, start), (ckpt, ckpt_calls, _) = runs[False], runs[True]
+    # recomputed in backward: the block runs once more, with grad on, per replayed forward pass
+    assert ckpt_calls.count(True) == 2 * plain_calls.count(True) > 0
+    assert ckpt_calls.count(False) == plain_calls.count(False)  # sampling and evaluation are unchanged
+    for n, p in plain.params.items():
+        assert torch.allclose(p, ckpt.params[n], atol=1e-6, rtol=0), n
+    assert any(not torch.equal(p, start[n]) for n, p in plain.params.items())  # it trained: the match means something
+
+
 def test_lora_init_is_fixed_by_seed_alone(tmp_path):
     """Real weights load from disk without touching the global RNG, so the LoRA's A must be drawn from `seed`:
     otherwise two runs with one seed (or two processes of one run) start from different weights."""
