@@ -67,7 +67,8 @@ def _usage(kind: str, path: Path, trainer: GRPOTrainer) -> str:
         )
     lines.append(  # the text length matters: the shapes model learned 4 zero T5 tokens, not the pipeline's 256
         f'image = pipe("a prompt", num_inference_steps={cfg.eval_num_steps}, guidance_scale={cfg.eval_guidance}, '
-        f"max_sequence_length={trainer.adapter.max_sequence_length}).images[0]"
+        f"max_sequence_length={trainer.adapter.max_sequence_length}, height={trainer.adapter.height}, "
+        f"width={trainer.adapter.width}).images[0]"
     )
     return "\n".join(lines)
 

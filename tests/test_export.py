@@ -97,7 +97,8 @@ def test_cli_export_prints_python_that_loads_and_samples_the_run(tmp_path):
     usage = json.loads((out / "export.json").read_text())["usage"]
     assert all(line in res.stdout for line in usage.splitlines())
     card = json.loads((Path(flowalign.zoo.model_dir("shapes")) / "flowalign.json").read_text())
-    assert f"max_sequence_length={card['max_sequence_length']})" in usage  # sampled as it was trained
+    size = f"height={card['height']}, width={card['width']}"
+    assert f"max_sequence_length={card['max_sequence_length']}, {size})" in usage  # sampled as it was trained
     script = "import flowalign.lora_window, flowalign.zoo, torch\n" + usage.replace('"a prompt"', '"a red circle"')
     script += "\nassert image.size == (32, 32), image.size\nprint('drew', image.size)"
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
