@@ -156,6 +156,22 @@ def test_replayed_log_probs_equal_sampled_with_lora(request, family, cfg, sample
     torch.autograd.grad(replay_step(adapter, sub, 0).log_prob.sum(), lora[0])
 
 
+@pytest.mark.parametrize("sampler", ["sde", "cps"])
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_bf16_zero_noise_reproduces_stock_pipeline_bit_for_bit(family, sampler):
+    """In bf16 the stock scheduler forms dt * v in the model dtype; a = 0 (stochastic steps at zero noise, and the
+    ODE steps) must do the same, or evaluation drifts from what users' `pipe(...)` draws."""
+    from flowalign.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    pipe = (tiny_sd3_pipeline if family == "sd3" else tiny_flux_pipeline)(seed=0, dtype=torch.bfloat16)
+    adapter = adapter_for(pipe, max_sequence_length=MSL)
+    steps = dict(num_steps=8, guidance_scale=4.5, sampler=sampler, noise_level=0.0, decode=False)
+    everywhere = rollout(adapter, PROMPTS, generator=_gen(0), **steps)
+    window = rollout(adapter, PROMPTS, generator=_gen(0), sde_steps=[2, 3], **steps)  # the others: ODE steps
+    stock = _stock(pipe, adapter, 8, 4.5, output_type="latent")
+    assert torch.equal(everywhere.latents[:, -1], stock) and torch.equal(window.latents[:, -1], stock)
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_bf16_record_replays_exactly(family):
     from flowalign.testing import tiny_flux_pipeline, tiny_sd3_pipeline

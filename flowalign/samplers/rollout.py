@@ -154,6 +154,11 @@ def sample_step(
         probe = run(prev_sample=x)
         eps = randn_tensor(tuple(probe.mean.shape), generator=generator, device=x.device, dtype=torch.float32)
         out = run(prev_sample=probe.mean + probe.std * eps)
+    if noise_level == 0 and prev_sample is None:
+        # std 0: the Euler step, in the stock scheduler's arithmetic (the noise drawn above, scaled by 0, keeps the
+        # generator's stream where any other noise level leaves it)
+        out = ode_step(velocity, x, sigma, sigma_next)
+        return out if out_dtype is None else replace(out, prev_sample=out.prev_sample.to(out_dtype))
     if out_dtype is not None and out_dtype != torch.float32:
         kept = out.prev_sample.to(out_dtype)
         out = replace(run(prev_sample=kept), prev_sample=kept)

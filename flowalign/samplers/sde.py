@@ -101,9 +101,12 @@ def cps_step(
 
 
 def ode_step(velocity: Tensor, x: Tensor, sigma: Tensor | float, sigma_next: Tensor | float) -> StepOutput:
-    """Deterministic Euler step, x' = x + v (sigma' - sigma), computed in fp32 as diffusers'
-    `FlowMatchEulerDiscreteScheduler.step` does; log-prob 0."""
-    v, x = velocity.float(), x.float()
-    mean = x + (_expand(sigma_next, x) - _expand(sigma, x)) * v
+    """Deterministic Euler step, x' = x + (sigma' - sigma) v, in the arithmetic of diffusers'
+    `FlowMatchEulerDiscreteScheduler.step`, so that zero noise reproduces the stock pipeline bit for bit in bf16
+    too: the state in fp32 and `dt * v` in the velocity's dtype (a 0-dim fp32 dt does not promote a bf16 tensor);
+    per-sample sigmas, which diffusers never takes, in fp32. Log-prob 0."""
+    x = x.float()
+    dt = _expand(sigma_next, x) - _expand(sigma, x)
+    mean = x + (dt * velocity if dt.ndim == 0 else dt * velocity.float())
     zero = torch.zeros(x.shape[0], device=x.device)
     return StepOutput(mean, zero, mean, torch.zeros((), device=x.device))
