@@ -370,9 +370,11 @@ class GRPOTrainer:
 
     def _optimizer_step(self) -> float:
         if self.accelerator.num_processes > 1:
+            # Every process joins every reduction, also one whose share of this window was empty (grad None).
+            # Each backpropagated its share of the window's sample mean, so the sum is the mean over all of them.
             for p in self.params.values():
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                p.grad = self.accelerator.reduce(grad, reduction="sum")
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(self.params.values(), self.cfg.max_grad_norm) if grads else 0.0
         self.optimizer.step()
@@ -384,6 +386,30 @@ class GRPOTrainer:
                 self.ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
         return float(norm)
 
+    def _minibatch_plan(self, kept: int) -> tuple[int, list[int]]:
+        """Minibatches per epoch (the same on every process) and, per minibatch over all epochs, the number of samples
+        in its optimizer window summed over processes.
+
+        `keep` drops samples whose advantages are all zero, and how many remain differs between processes (a group
+        with equal rewards on one of them), so each process pads with empty minibatches up to the largest count: every
+        process then takes the same optimizer steps and joins every gradient reduction. Each window's gradient is the
+        mean over the samples it holds, whatever the minibatch sizes (a short last minibatch or window counts its
+        samples, not as a whole minibatch)."""
+        cfg = self.cfg
+        counts = [kept]
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.gather(torch.tensor([kept], device=self.device)).tolist()
+        per_epoch = max(-(-c // cfg.train_batch_size) for c in counts)
+        sizes = [
+            sum(min(max(c - i * cfg.train_batch_size, 0), cfg.train_batch_size) for c in counts)
+            for _ in range(cfg.inner_epochs)
+            for i in range(per_epoch)
+        ]
+        windows = [
+            sum(sizes[w - w % cfg.grad_accum : w - w % cfg.grad_accum + cfg.grad_accum]) for w in range(len(sizes))
+        ]
+        return per_epoch, windows
+
     def train_on(self, traj: Trajectory, credit: credit_lib.CreditOutput, step: int) -> dict[str, float]:
         """PPO-clipped updates over the trained steps; gradients accumulate over steps and minibatches."""
         cfg = self.cfg
@@ -392,42 +418,50 @@ class GRPOTrainer:
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "kl", "clip_frac", "approx_kl")}
         ratios: list[Tensor] = []
         norms: list[float] = []
-        if keep.numel() == 0:
+        per_epoch, windows = self._minibatch_plan(keep.numel())
+        if per_epoch == 0:  # nothing kept on any process
             return {"train/kept_frac": 0.0}
         self.adapter.transformer.train()
         rng = torch.Generator().manual_seed(_seed(cfg.seed, step, self.accelerator.process_index, 3))
         n_batches = 0
         for _ in range(cfg.inner_epochs):
             order = keep[torch.randperm(keep.numel(), generator=rng)]
-            for chunk in order.split(cfg.train_batch_size):
-                sub = traj.select(chunk)
-                adv = credit.advantages[chunk].to(self.device)
-                for j, k in enumerate(steps):
-                    with self.accelerator.autocast():
-                        new = replay_step(self.adapter, sub, k)
-                        ref_mean = None
-                        if cfg.kl_beta > 0:
-                            with torch.no_grad(), self.reference_policy():
-                                ref_mean = replay_step(self.adapter, sub, k).mean
-                    out = policy_step_loss(
-                        new.log_prob,
-                        sub.log_probs[:, k].to(self.device),
-                        adv[:, j],
-                        cfg.clip_range,
-                        kl_beta=cfg.kl_beta,
-                        mean=new.mean,
-                        ref_mean=ref_mean,
-                        std=new.std,
-                    )
-                    self.accelerator.backward(out.loss / (len(steps) * cfg.grad_accum))
-                    for key in stats:
-                        stats[key].append(float(getattr(out, key).detach()))
-                    ratios.append(out.ratio.float().cpu())
+            chunks = list(order.split(cfg.train_batch_size)) if keep.numel() else []
+            for chunk in chunks + [order[:0]] * (per_epoch - len(chunks)):
+                if len(chunk):
+                    sub = traj.select(chunk)
+                    adv = credit.advantages[chunk].to(self.device)
+                    # this minibatch's part of its window's mean over samples, and over the trained steps
+                    share = len(steps) * (windows[n_batches] / len(chunk))
+                    for j, k in enumerate(steps):
+                        with self.accelerator.autocast():
+                            new = replay_step(self.adapter, sub, k)
+                            ref_mean = None
+                            if cfg.kl_beta > 0:
+                                with torch.no_grad(), self.reference_policy():
+                                    ref_mean = replay_step(self.adapter, sub, k).mean
+                        out = policy_step_loss(
+                            new.log_prob,
+                            sub.log_probs[:, k].to(self.device),
+                            adv[:, j],
+                            cfg.clip_range,
+                            kl_beta=cfg.kl_beta,
+                            mean=new.mean,
+                            ref_mean=ref_mean,
+                            std=new.std,
+                        )
+                        self.accelerator.backward(out.loss / share)
+                        for key in stats:
+                            stats[key].append(float(getattr(out, key).detach()))
+                        ratios.append(out.ratio.float().cpu())
                 n_batches += 1
                 if n_batches % cfg.grad_accum == 0:
                     norms.append(self._optimizer_step())
         if n_batches % cfg.grad_accum:
             norms.append(self._optimizer_step())
+        lr = self.lr_schedule.get_last_lr()[0]
+        if not ratios:  # this process kept nothing; it took its part in every optimizer step all the same
+            return {"train/kept_frac": 0.0, "train/grad_norm": float(np.mean(norms)), "train/lr": lr}
         ratio = torch.cat(ratios)
         metrics = {f"train/{k}": float(np.mean(v)) for k, v in stats.items()}
         metrics.update(
@@ -437,7 +471,7 @@ class GRPOTrainer:
                 "train/ratio_max": float(ratio.max()),
                 "train/grad_norm": float(np.mean(norms)),
                 "train/kept_frac": keep.numel() / len(traj.prompts),
-                "train/lr": self.lr_schedule.get_last_lr()[0],
+                "train/lr": lr,
             }
         )
         return metrics

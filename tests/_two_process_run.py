@@ -3,7 +3,8 @@ its global RNG in another state, as real loading does. Three runs of the tiny tr
 batches of one image (so the ranks share out the four evaluation images):
 - `full`: 3 steps, then the summary and grid (every rank calls it, as the CLI does);
 - `resumed`: 2 steps, then a new trainer resumes from its checkpoint to step 3;
-- `stopped`: up to 4 steps, with a stop condition that only the second process meets, at step 2.
+- `stopped`: up to 4 steps, with a stop condition that only the second process meets, at step 2;
+- `uneven`: 2 steps in which rank 1 drops a group of equal rewards (fewer minibatches there).
 Saves, per rank, the LoRA weights at the start and end of each run, the images `generate` gives every rank, and
 how many images an evaluation scored on this rank."""
 
@@ -41,7 +42,25 @@ resumed.train(resume=out / "resumed" / "checkpoints", progress=False)
 # A stop condition true on one process only (as a seconds budget may be) must stop both, not leave one waiting.
 stopped = trainer("stopped", 4)
 stopped.train(progress=False, stop=lambda rec: rank == 1 and rec["step"] >= 2)
+# One group with equal rewards on rank 1 only: its samples are dropped there (zero advantages), so the ranks hold
+# different numbers of samples and minibatches, yet must take the same optimizer steps (else one waits forever).
+base_reward = reward_fn  # the trainer's own reward, not the counting wrapper above
+
+
+def uneven_reward(images, prompts, **kw):
+    r = base_reward(images, prompts, **kw)
+    r = (r.total if hasattr(r, "total") else r).clone()
+    if rank == 1:
+        r[4:] = 0.5
+    return r
+
+
+uneven = tiny_trainer(
+    out / "uneven", prompts, uneven_reward, rng_after_load=1000 + rank, max_steps=2, train_batch_size=4, eval_every=0
+)
+uneven.train(progress=False)
 result = {
+    "uneven": uneven.trainable_state(),
     "stopped_at": stopped.step,
     "start": start,
     "end": full.trainable_state(),

@@ -128,6 +128,48 @@ def test_gradient_checkpointing_recomputes_blocks_and_trains_to_the_same_weights
     assert any(not torch.equal(p, start[n]) for n, p in plain.params.items())  # it trained: the match means something
 
 
+@pytest.mark.parametrize(("tbs", "accum"), [(8, 1), (4, 2), (2, 4), (4, 1), (2, 1)])
+def test_a_window_gradient_is_the_mean_over_the_samples_it_holds(tmp_path, tbs, accum):
+    """Dropping zero-advantage samples leaves uneven minibatches; every optimizer window's gradient must still be
+    the mean over its samples (and trained steps) of -A grad log p, the policy gradient at ratio 1, computed here
+    without the trainer's loss code. The windows (captured, not stepped) weighted by their sizes give it over all."""
+    from flowalign.credit import CreditOutput
+    from flowalign.samplers.rollout import replay_step
+
+    trainer = _trainer(tmp_path, train_batch_size=tbs, grad_accum=accum)
+    traj = trainer.sample(0)
+    n_steps = int(traj.sde_mask.sum())
+    steps = torch.nonzero(traj.sde_mask).flatten().tolist()
+    adv = torch.randn(len(traj.prompts), n_steps, generator=torch.Generator().manual_seed(0))
+    keep = torch.tensor([True, False, True, True, True, False, True, True])  # 6 of 8 kept
+    adv[~keep] = 0
+    credit = CreditOutput(adv, adv, torch.zeros_like(adv, dtype=torch.bool), keep)
+
+    windows = []
+
+    def capture() -> float:
+        windows.append({n: p.grad.detach().clone() for n, p in trainer.params.items()})
+        trainer.optimizer.zero_grad(set_to_none=True)
+        return 0.0
+
+    trainer._optimizer_step = capture
+    trainer.train_on(traj, credit, 0)
+    sizes = [
+        sum(min(max(6 - i * tbs, 0), tbs) for i in range(w * accum, (w + 1) * accum)) for w in range(len(windows))
+    ]
+    assert sum(sizes) == 6 and all(sizes)
+    combined = {n: sum(s * w[n] for s, w in zip(sizes, windows, strict=True)) / 6 for n in windows[0]}
+
+    trainer.adapter.transformer.train()
+    idx = torch.nonzero(keep).flatten()
+    surrogate = sum(
+        -(adv[idx, j] * replay_step(trainer.adapter, traj.select(idx), k).log_prob).sum() for j, k in enumerate(steps)
+    )
+    grads = torch.autograd.grad(surrogate / (len(idx) * n_steps), list(trainer.params.values()))
+    for (n, _), g in zip(trainer.params.items(), grads, strict=True):
+        torch.testing.assert_close(combined[n], g, rtol=1e-4, atol=1e-7, msg=n)
+
+
 def test_lora_init_is_fixed_by_seed_alone(tmp_path):
     """Real weights load from disk without touching the global RNG, so the LoRA's A must be drawn from `seed`:
     otherwise two runs with one seed (or two processes of one run) start from different weights."""
@@ -154,7 +196,7 @@ def test_two_processes_train_resume_and_evaluate_as_one_run(tmp_path):
     done = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, timeout=300)  # a hang fails
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for key in ("start", "end", "resumed"):
+    for key in ("start", "end", "resumed", "uneven"):
         assert all(torch.equal(r0[key][n], r1[key][n]) for n in r0[key]), key
     assert any(not torch.equal(r0["start"][n], r0["end"][n]) for n in r0["end"]), "the run must have trained"
     assert all(torch.equal(r0["end"][n], r0["resumed"][n]) for n in r0["end"]), "resume must replay the run"
