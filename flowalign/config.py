@@ -39,7 +39,7 @@ class TrainConfig:
     # --- model -------------------------------------------------------------------------------------
     model: str = "shapes"  # built-in zoo name ("shapes"), local pipeline dir, or Hugging Face hub id
     dtype: str = "float32"  # weights dtype of the frozen parts: float32 | bfloat16 | float16
-    mixed_precision: str = "no"  # accelerate autocast: no | bf16 | fp16
+    mixed_precision: str = "no"  # accelerate autocast: no | bf16 (fp16 needs loss scaling: not supported)
     # torch.compile the transformer (rollouts, replays, evaluation): ~12% faster steps on the shapes model on CPU,
     # after ~20 s of compiling. On CPU it needs a C++ compiler; without one the run warns and stays eager.
     compile: bool = False
@@ -148,6 +148,11 @@ class TrainConfig:
             raise ValueError(f"lora_min_sigma must be in [0, 1] and needs lora_rank > 0, got {self.lora_min_sigma}")
         if self.sde_window >= self.num_steps:
             raise ValueError(f"sde_window ({self.sde_window}) must be < num_steps ({self.num_steps}); 0 = all steps")
+        if self.mixed_precision == "fp16":
+            raise ValueError(
+                "mixed_precision fp16 is not supported: it needs loss scaling, which the trainer does not do; use bf16"
+                " (what SD3 and FLUX are trained in)"
+            )
         for name, allowed in {
             "sampler": ("sde", "cps"),
             "eval_sampler": ("ode", "renoise"),
@@ -159,7 +164,7 @@ class TrainConfig:
             "step_reward_mode": ("ode", "x0"),
             "reward_normalize": ("sum", "sum_then_normalize", "normalize_then_sum"),
             "dtype": ("float32", "bfloat16", "float16"),
-            "mixed_precision": ("no", "bf16", "fp16"),
+            "mixed_precision": ("no", "bf16"),  # fp16 would need loss scaling, which the trainer does not do
         }.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")

@@ -311,14 +311,17 @@ class GRPOTrainer:
         cost = {"cost/model_evals": float(batch * traj.num_steps), "cost/reward_calls": float(batch)}
         values = None
         if cfg.credit != "outcome":
-            sr = step_rewards(
-                self.adapter,
-                traj,
-                lambda images, prompts: self.score(images, prompts, traj.columns).total,
-                rewards.total,
-                mode=cfg.step_reward_mode,
-                completion_steps=cfg.completion_steps,
-            )
+            with (
+                self.accelerator.autocast()
+            ):  # the rollout's precision: R_k and R_n from one computation of the policy
+                sr = step_rewards(
+                    self.adapter,
+                    traj,
+                    lambda images, prompts: self.score(images, prompts, traj.columns).total,
+                    rewards.total,
+                    mode=cfg.step_reward_mode,
+                    completion_steps=cfg.completion_steps,
+                )
             values = sr.values
             cost = {
                 "cost/model_evals": cost["cost/model_evals"] + sr.model_evals,

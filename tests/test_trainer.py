@@ -170,6 +170,27 @@ def test_a_window_gradient_is_the_mean_over_the_samples_it_holds(tmp_path, tbs, 
         torch.testing.assert_close(combined[n], g, rtol=1e-4, atol=1e-7, msg=n)
 
 
+def test_step_rewards_run_at_the_rollouts_precision(tmp_path, monkeypatch):
+    """Under mixed precision the rollout runs in autocast; the completions behind R_0..R_{n-1} must too, or the
+    increments d_k = R_{k+1} - R_k mix two computations of the policy (R_n is the rollout's own reward)."""
+    import flowalign.trainer as trainer_module
+
+    seen = []
+    real = trainer_module.step_rewards
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "step_rewards", recording)
+    trainer = _trainer(tmp_path, mixed_precision="bf16", credit="incremental", max_steps=1)
+    traj = trainer.sample(0)
+    trainer.assign_credit(traj, trainer.score(traj.images, traj.prompts, traj.columns))
+    assert seen == [True]
+    with pytest.raises(ValueError, match="fp16 is not supported.*use bf16"):
+        _trainer(tmp_path, mixed_precision="fp16")
+
+
 def test_lora_init_is_fixed_by_seed_alone(tmp_path):
     """Real weights load from disk without touching the global RNG, so the LoRA's A must be drawn from `seed`:
     otherwise two runs with one seed (or two processes of one run) start from different weights."""
