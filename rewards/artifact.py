@@ -384,7 +384,7 @@ def artifact_head(
     dev = resolve_device(device)
     if encoder is None:
         encoder = load_encoder(meta.get("encoder", ""), model or meta.get("model") or None, device=dev, dtype=dtype)
-    net = net.to(dev)
+    net = net.to(dev).requires_grad_(False)  # a frozen judge: gradients reach the pixels, not its weights
 
     def reward(images: Tensor, prompts: Sequence[str], **columns: Any) -> Tensor:
         check_images(images.detach() if isinstance(images, Tensor) else images, "artifact_head")

@@ -18,6 +18,7 @@ text cache, device / dtype placement, one clear error for missing weights):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Sequence
@@ -90,6 +91,13 @@ def hpsv2(
     path = resolve_file(checkpoint or HPS_REPO, HPS_FILES[version], what="hpsv2", kwarg="checkpoint")
     encoder = ClipEncoder.from_open_clip(
         model, str(path), device=device, dtype=dtype, batch_size=batch_size, name="hpsv2"
+    )
+    # HPSv2 scores through its own open_clip fork's evaluation transform (`light_augmentation`), not open_clip's:
+    # the long side scaled to the input size in one float pass, the short side zero-padded (a letterbox), where
+    # stock open_clip crops the long side. Square images see the same pixels either way.
+    size = encoder.preprocess.crop
+    encoder.preprocess = dataclasses.replace(
+        encoder.preprocess, resize=size, resize_mode="fit_longest", crop=size, fill=0.0, two_pass=False, clamp=False
     )
     return ClipScore(encoder, scale=scale, name="hpsv2")
 

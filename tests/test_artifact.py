@@ -153,6 +153,7 @@ def test_reward_is_differentiable_through_the_encoder(tmp_path):
     x = torch.rand(2, 3, 32, 32, requires_grad=True)
     reward(x, ["", ""]).sum().backward()
     assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in reward.head.parameters())  # a frozen judge: no gradients kept for it
 
 
 def test_feature_dim_mismatch_is_clear(tmp_path):

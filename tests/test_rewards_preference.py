@@ -144,21 +144,29 @@ def test_legacy_clip_processor_config_is_read_and_matched(tmp_path):
     assert d.max() <= 1.2 and d.mean() <= 0.35
 
 
-def test_hps_preprocessing_matches_open_clip_vit_h_14_transform():
-    """HPSv2's transform: open_clip's ViT-H-14 inference transform (resize 224 bicubic, center crop, OpenAI
-    statistics)."""
-    import open_clip
-    from open_clip.transform import PreprocessCfg, image_transform_v2
+def _hps_letterbox(x: torch.Tensor, size: int) -> torch.Tensor:
+    """HPSv2's evaluation transform, written from its description: on the float tensor, the long side bicubic to
+    `size` (antialiased), the short side zero-padded to a square (floor half before), OpenAI statistics."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as tvf
 
-    tag = open_clip.get_pretrained_cfg("ViT-H-14", "laion2b_s32b_b79k")
-    cfg = PreprocessCfg(size=224, **{k: tag[k] for k in ("mean", "std", "interpolation", "resize_mode")})
-    ours, theirs = ImagePreprocess.from_open_clip(cfg), image_transform_v2(cfg, is_train=False)
-    std = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
-    x = _images(1, 224, 229)
-    assert torch.allclose(ours(x), theirs(_pil(x[0]))[None], atol=1e-5)
-    x = _images(1, 400, 300, seed=2)
-    d = (ours(x) - theirs(_pil(x[0]))[None]).abs() * std * 255
-    assert d.max() <= 1.2 and d.mean() <= 0.35
+    h, w = x.shape[-2:]
+    nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
+    y = tvf.resize(x, [nh, nw], InterpolationMode.BICUBIC, antialias=True)
+    ph, pw = size - nh, size - nw
+    y = tvf.pad(y, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], fill=0.0)
+    return tvf.normalize(y, list(OPENAI_MEAN), list(OPENAI_STD))
+
+
+@pytest.mark.parametrize(("h", "w"), [(32, 32), (48, 40), (40, 64), (333, 500)])
+def test_hps_preprocessing_is_hpsv2s_letterbox_not_open_clips_crop(tiny_hps, h, w):
+    """HPSv2 evaluates with its own fork's transform (long side to the input size, zero padding), so a
+    non-square image keeps its borders; open_clip's stock transform would crop them."""
+    ckpt_dir, _ = tiny_hps
+    reward = hpsv2("v2.1", str(ckpt_dir), model=TINY_OPEN_CLIP, device="cpu")
+    x = _images(2, h, w)
+    expected = torch.stack([_hps_letterbox(i, 32) for i in x])
+    torch.testing.assert_close(reward.encoder.preprocess(x), expected, atol=1e-5, rtol=0)
 
 
 # ---- PickScore ----------------------------------------------------------------------------------------------
