@@ -417,7 +417,8 @@ class GRPOTrainer:
         """PPO-clipped updates over the trained steps; gradients accumulate over steps and minibatches."""
         cfg = self.cfg
         steps = torch.nonzero(traj.sde_mask).flatten().tolist()
-        keep = torch.nonzero(credit.keep).flatten()
+        # Samples with all-zero advantages add no policy gradient and are skipped, unless a KL still pulls them back.
+        keep = torch.nonzero(credit.keep if cfg.kl_beta == 0 else torch.ones_like(credit.keep)).flatten()
         stats: dict[str, list[float]] = {k: [] for k in ("loss", "policy_loss", "kl", "clip_frac", "approx_kl")}
         ratios: list[Tensor] = []
         norms: list[float] = []

@@ -119,3 +119,12 @@ def test_door_step_contract():
         FlowGRPOScheduler.from_scheduler(base, sampler="ddim")
     with pytest.raises(ValueError, match="nothing recorded"):
         FlowGRPOScheduler.from_scheduler(base).trajectory()
+    # sde_steps beyond the schedule (a window meant for more steps) is refused, as rollout refuses it
+    far = FlowGRPOScheduler.from_scheduler(base, noise_level=0.7, sde_steps=[5], generator=_gen(0))
+    far.set_timesteps(4)
+    with pytest.raises(ValueError, match=r"sde_steps entries must be in 0..2 for num_steps=4, got 5"):
+        far.step(torch.randn(2, 4, 8, 8), far.timesteps[0], x)
+    last = FlowGRPOScheduler.from_scheduler(base, noise_level=0.7, sde_steps=[3], generator=_gen(0))
+    last.set_timesteps(4)
+    with pytest.raises(ValueError, match="contains the last step 3"):
+        last.step(torch.randn(2, 4, 8, 8), last.timesteps[0], x)

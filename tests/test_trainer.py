@@ -170,25 +170,53 @@ def test_a_window_gradient_is_the_mean_over_the_samples_it_holds(tmp_path, tbs, 
         torch.testing.assert_close(combined[n], g, rtol=1e-4, atol=1e-7, msg=n)
 
 
+def test_the_kl_still_acts_on_samples_without_advantage(tmp_path):
+    """A group of equal rewards has zero advantages, which the loss skips; with kl_beta > 0 those samples still
+    carry the KL to the reference, and a policy away from it must be pulled back."""
+    from flowalign.credit import CreditOutput
+
+    trainer = _trainer(tmp_path, kl_beta=0.5)
+    g = torch.Generator().manual_seed(0)
+    for name, p in trainer.params.items():  # move the LoRA away from the reference (B = 0 at init)
+        if "lora_B" in name:
+            p.data = 0.05 * torch.randn(p.shape, generator=g)
+    traj = trainer.sample(0)
+    zero = torch.zeros(len(traj.prompts), int(traj.sde_mask.sum()))
+    credit = CreditOutput(zero, zero, zero.bool(), torch.zeros(len(traj.prompts), dtype=torch.bool))
+    before = {n: p.detach().clone() for n, p in trainer.params.items()}
+    metrics = trainer.train_on(traj, credit, 0)
+    assert metrics["train/kl"] > 0 and metrics["train/kept_frac"] == 1.0
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.params.items())
+
+
 def test_step_rewards_run_at_the_rollouts_precision(tmp_path, monkeypatch):
-    """Under mixed precision the rollout runs in autocast; the completions behind R_0..R_{n-1} must too, or the
-    increments d_k = R_{k+1} - R_k mix two computations of the policy (R_n is the rollout's own reward)."""
+    """Under mixed precision the rollout runs in the accelerator's autocast; the completions behind R_0..R_{n-1}
+    must too, or the increments d_k = R_{k+1} - R_k mix two computations of the policy (R_n is the rollout's own
+    reward). (Checked through the context itself: accelerate fixes the precision once per process.)"""
+    import contextlib
+
     import flowalign.trainer as trainer_module
+    from flowalign.config import make_config
 
-    seen = []
+    trainer = _trainer(tmp_path, credit="incremental", max_steps=1)
+    depth, seen = [0], []
+
+    @contextlib.contextmanager
+    def autocast():
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
     real = trainer_module.step_rewards
-
-    def recording(*args, **kwargs):
-        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(trainer_module, "step_rewards", recording)
-    trainer = _trainer(tmp_path, mixed_precision="bf16", credit="incremental", max_steps=1)
+    monkeypatch.setattr(trainer.accelerator, "autocast", autocast)
+    monkeypatch.setattr(trainer_module, "step_rewards", lambda *a, **k: seen.append(depth[0]) or real(*a, **k))
     traj = trainer.sample(0)
     trainer.assign_credit(traj, trainer.score(traj.images, traj.prompts, traj.columns))
-    assert seen == [True]
+    assert seen == [1]
     with pytest.raises(ValueError, match="fp16 is not supported.*use bf16"):
-        _trainer(tmp_path, mixed_precision="fp16")
+        make_config({"mixed_precision": "fp16"})
 
 
 def test_lora_init_is_fixed_by_seed_alone(tmp_path):

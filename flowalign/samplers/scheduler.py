@@ -23,7 +23,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from torch import Tensor
 
-from flowalign.samplers.rollout import sample_step
+from flowalign.samplers.rollout import sample_step, sde_mask
 from flowalign.samplers.sde import STEPS
 from flowalign.types import Conditioning, Trajectory
 
@@ -125,12 +125,8 @@ class FlowGRPOScheduler(FlowMatchEulerDiscreteScheduler):
         self._reset_record()
 
     def _is_stochastic(self, k: int) -> bool:
-        last = len(self.sigmas) - 2
-        if self.sde_steps is None:
-            return k < last
-        if last in self.sde_steps:
-            raise ValueError(f"sde_steps contains the last step {last}; it is never stochastic")
-        return k in self.sde_steps
+        # rollout's own mask, so an sde_steps entry out of range or on the last step is refused as it is there
+        return bool(sde_mask(len(self.sigmas) - 1, self.sde_steps)[k])
 
     def step(
         self,
