@@ -19,7 +19,7 @@ def _with_lora(pipe, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     for name, p in pipe.transformer.named_parameters():
         if "lora_B" in name:
-            p.data = 0.1 * torch.randn(p.shape, generator=g)
+            p.data = 0.1 * torch.randn(p.shape, generator=g).to(p.dtype)
     return pipe
 
 
@@ -127,3 +127,60 @@ def test_a_gate_that_would_switch_off_a_trained_step_is_refused(tmp_path):
         _trainer(tmp_path, lora_min_sigma=0.9)  # the window trains sigma 1 and 0.86
     with pytest.raises(ValueError, match="needs lora_rank > 0"):
         _trainer(tmp_path, lora_rank=0)
+
+
+def test_the_gate_reads_a_positional_timestep_and_follows_a_reloaded_or_disabled_lora(tmp_path):
+    """SD3's and FLUX's forward take `timestep` fourth (after pooled_projections); after unloading and loading a
+    LoRA, an outer `disable_lora()` must hold as it did for the first one."""
+    pipe = _with_lora(tiny_sd3_pipeline(seed=0))
+    adapter = adapter_for(pipe, max_sequence_length=8)
+    cond = adapter.encode(PROMPTS, 1.0)
+    x = adapter.init_noise(2, torch.Generator().manual_seed(0))
+    args = (x, cond.prompt_embeds, cond.pooled_embeds)
+    with torch.no_grad():
+        lora_high = pipe.transformer(*args, timestep=torch.full((2,), 900.0)).sample
+        lora_low = pipe.transformer(*args, timestep=torch.full((2,), 200.0)).sample
+        pipe.transformer.disable_adapters()
+        base_high = pipe.transformer(*args, timestep=torch.full((2,), 900.0)).sample
+        base_low = pipe.transformer(*args, timestep=torch.full((2,), 200.0)).sample
+        pipe.transformer.enable_adapters()
+        limit_lora(pipe.transformer, 0.5, adapter.timestep_per_sigma)
+        assert torch.equal(pipe.transformer(*args, torch.full((2,), 900.0)).sample, lora_high)  # positional
+        assert torch.equal(pipe.transformer(*args, torch.full((2,), 200.0)).sample, base_low)
+        assert not torch.equal(lora_low, base_low) and not torch.equal(lora_high, base_high)
+
+        meta = pipe.transformer.peft_config["default"].to_dict()  # its alpha: loaded without it, the scale differs
+        pipe.save_lora_weights(
+            tmp_path, transformer_lora_layers=_peft_state(pipe.transformer), transformer_lora_adapter_metadata=meta
+        )
+        pipe.unload_lora_weights()
+        pipe.load_lora_weights(tmp_path)
+        pipe.disable_lora()
+        pipe.transformer(*args, timestep=torch.full((2,), 200.0))  # a gated call, then a high-noise one
+        torch.testing.assert_close(pipe.transformer(*args, timestep=torch.full((2,), 900.0)).sample, base_high)
+        pipe.enable_lora()
+        torch.testing.assert_close(pipe.transformer(*args, timestep=torch.full((2,), 900.0)).sample, lora_high)
+
+
+def _peft_state(transformer):
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(transformer)
+
+
+def test_a_bf16_timestep_rounded_below_min_sigma_still_trains_that_step():
+    """FLUX receives its timestep in the model dtype: in bf16 sigma 0.8886 arrives as 0.8867. A min_sigma between
+    the two passes the trainer's check on the true sigmas, so the gate must not switch that step off."""
+    pipe = _with_lora(tiny_flux_pipeline(seed=0, dtype=torch.bfloat16))
+    adapter = adapter_for(pipe, max_sequence_length=8)
+    sigma = float(adapter.sigmas(6)[1])
+    seen = float(torch.tensor(sigma * 1000, dtype=torch.bfloat16).float() / 1000)
+    assert seen < sigma  # the premise: rounded down
+    limit_lora(pipe.transformer, (seen + sigma) / 2, adapter.timestep_per_sigma)
+    cond = adapter.encode(PROMPTS, 3.5)
+    x = adapter.init_noise(2, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        gated = adapter.velocity(x, torch.tensor(sigma), cond, 3.5)
+        pipe.transformer.disable_adapters()
+        base = adapter.velocity(x, torch.tensor(sigma), cond, 3.5)
+    assert not torch.equal(gated, base)  # the LoRA acted
