@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -106,11 +107,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     trainer = build_trainer(cfg)
     if trainer.accelerator.is_main_process:
         print(banner(trainer), flush=True)
-    resume = args.resume
-    if resume == "auto":
-        ckpt = Path(cfg.output_dir) / "checkpoints"
-        resume = str(ckpt) if (ckpt / "latest").exists() else None
-    trainer.train(resume=resume, progress=not args.no_progress)
+    trainer.train(resume=args.resume, progress=not args.no_progress)
     summary = write_summary_and_grid(trainer)
     if trainer.accelerator.is_main_process:
         print(
@@ -226,10 +223,13 @@ def cmd_artifact(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowalign", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    # No abbreviations: `--reward x` (a config override) must not be read as bench's `--reward-calls x`.
+    strict = functools.partial(argparse.ArgumentParser, allow_abbrev=False)
+    parser = strict(prog="flowalign", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=strict)
     t = sub.add_parser(
         "train",
+        allow_abbrev=False,
         help="GRPO training from a preset or YAML",
         description="Any config key can be overridden: --key value. Keys: " + ", ".join(field_names()),
     )

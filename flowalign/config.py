@@ -135,6 +135,11 @@ class TrainConfig:
             )
         if self.prompts_per_step < 1 or self.max_steps < 0 or self.num_steps < 2 or self.eval_num_steps < 1:
             raise ValueError("prompts_per_step >= 1, max_steps >= 0, num_steps >= 2 and eval_num_steps >= 1 required")
+        for name in ("train_batch_size", "grad_accum", "inner_epochs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {self.adam_betas}")
         if self.batch_size % self.train_batch_size:
             raise ValueError(
                 f"train_batch_size ({self.train_batch_size}) must divide "
@@ -239,13 +244,16 @@ def read_yaml(source: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     file holds only what it changes: its keys win over the base's, as `--key value` wins over both.
     """
     path = Path(source)
-    if not path.exists():
+    if not path.is_file():
         if source not in preset_names():
             raise FileNotFoundError(
                 f"config {source!r} is neither a YAML file nor a built-in preset; presets: {', '.join(preset_names())}"
             )
         path = PRESET_DIR / f"{source}.yaml"
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping of config keys, got {type(data).__name__}")
     if "base" not in data:
@@ -258,7 +266,7 @@ def read_yaml(source: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         chain = " -> ".join(str(p) for p in (*_seen, resolved))
         raise ValueError(f"{path}: its base chain loops back to itself: {chain}")
     relative = path.parent / base  # = base when base is absolute
-    base_source = base if base in preset_names() and not relative.exists() else str(relative)
+    base_source = base if base in preset_names() and not relative.is_file() else str(relative)
     try:
         merged = read_yaml(base_source, (*_seen, resolved))
     except FileNotFoundError as err:

@@ -37,8 +37,9 @@ def plot_metrics(run_dir: str | Path, path: str | Path | None = None) -> Path:
     keys = [k for k in ("eval/strict", "eval/partial", "eval/reward_mean") if evals and k in evals[0]]
     for key in keys[:2] if "eval/strict" in keys else keys[-1:]:
         # Error bars: the evaluation's own standard error (which images were drawn), logged beside each mean.
-        err = [r.get(f"{key}_se", 0.0) for r in evals]
-        xs, ys = [r["step"] for r in evals], [r[key] for r in evals]
+        have = [r for r in evals if key in r]  # a resumed run may have evaluated other prompts before
+        err = [r.get(f"{key}_se", 0.0) for r in have]
+        xs, ys = [r["step"] for r in have], [r[key] for r in have]
         axes[1].errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{key} ± SE")
     axes[1].set_title("held-out evaluation (fixed-seed samples)")
     axes[2].set_title("training diagnostics")

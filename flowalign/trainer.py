@@ -600,15 +600,36 @@ class GRPOTrainer:
             raise FileNotFoundError(f"no checkpoint at {path}: expected trainable.safetensors from `flowalign train`")
         state = load_file(path / "trainable.safetensors")
         missing = set(self.params) ^ set(state)
-        if missing:
-            raise ValueError(f"checkpoint {path} does not match this model/LoRA config: {sorted(missing)[:5]} ...")
+        shapes = [n for n in set(self.params) & set(state) if state[n].shape != self.params[n].shape]
+        if missing or shapes:
+            wrong = sorted(missing)[:3] + [f"{n}: {tuple(state[n].shape)} saved" for n in sorted(shapes)[:3]]
+            raise ValueError(
+                f"checkpoint {path} does not match this model/LoRA config (its config.yaml says how it was made): "
+                f"{wrong} ..."
+            )
         for n, p in self.params.items():
             p.data.copy_(state[n])
-        if self.ema is not None and (path / "ema.safetensors").exists():
-            self.ema = {k: v.to(self.device) for k, v in load_file(path / "ema.safetensors").items()}
+        if self.ema is not None:
+            if (path / "ema.safetensors").exists():
+                self.ema = {k: v.to(self.device) for k, v in load_file(path / "ema.safetensors").items()}
+            else:  # EMA turned on after the fact: it starts from these weights, not from the ones before loading
+                logger.warning("checkpoint %s has no EMA; the EMA starts from its weights", path)
+                self.ema = {n: p.detach().clone() for n, p in self.params.items()}
         opt = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(opt["optimizer"])
         self.lr_schedule.load_state_dict(opt["lr_schedule"])
+        # The optimizer's settings are this config's (the saved ones come back with its state): a resume that
+        # changes the learning rate, weight decay or betas uses them, as its config.yaml then says.
+        cfg = self.cfg
+        self.lr_schedule.base_lrs = [cfg.learning_rate] * len(self.optimizer.param_groups)
+        factor = self.lr_schedule.lr_lambdas[0](self.lr_schedule.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(
+                initial_lr=cfg.learning_rate,
+                lr=cfg.learning_rate * factor,
+                weight_decay=cfg.weight_decay,
+                betas=tuple(cfg.adam_betas),
+            )
         torch.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
         self.step = json.loads((path / "state.json").read_text())["step"]
 
@@ -661,19 +682,31 @@ class GRPOTrainer:
         stop: Callable[[dict[str, float]], bool] | None = None,
     ) -> list[dict[str, float]]:
         """Runs to `max_steps` (or until `stop(record)` says so, for budgeted benchmarks); returns the records
-        written this call. The last step is always evaluated and checkpointed."""
+        written this call. The last step is always evaluated and checkpointed. `resume`: a checkpoint (step dir or
+        checkpoints dir), or "auto": this output_dir's latest checkpoint if it has one, else a fresh start."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         check_trackers(cfg.log_with)
+        if resume == "auto":
+            resume = self.out / "checkpoints" if (self.out / "checkpoints" / "latest").exists() else None
+        if resume:
+            self.load(resume)  # first: a checkpoint that does not fit leaves the run's files as they were
         self.out.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
             (self.out / "config.yaml").write_text(to_yaml(cfg))
-        if resume:
-            self.load(resume)
-            self._truncate_metrics()
-        elif (self.out / "metrics.jsonl").exists() and self.accelerator.is_main_process:
-            (self.out / "metrics.jsonl").unlink()
+            latest = self.out / "checkpoints" / "latest"
+            if resume:
+                self._truncate_metrics()
+            else:
+                (self.out / "metrics.jsonl").unlink(missing_ok=True)
+                if latest.exists():  # a previous run's: `--resume auto` must not pick it up for this one
+                    logger.warning(
+                        "%s held a previous run (checkpoints up to %s); this run starts over and overwrites them",
+                        self.out,
+                        latest.read_text().strip(),
+                    )
+                    latest.unlink()
         if cfg.log_with:  # on the main process only (accelerate); every process may call it
             scalar = (bool, int, float, str, type(None))  # what every tracker's hyperparameter table takes
             hparams = {k: v if isinstance(v, scalar) else json.dumps(v) for k, v in dataclasses.asdict(cfg).items()}

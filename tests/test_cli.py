@@ -122,6 +122,17 @@ def test_cli_errors_are_one_line(tmp_path):
     assert res.returncode == 2 and "no-such-org/no-such-model" in res.stderr and "Traceback" not in res.stderr
 
 
+def test_config_overrides_are_never_read_as_abbreviated_options():
+    """`--reward` and `--seed` are config keys; argparse's prefix matching would take them for bench's
+    `--reward-calls` and `--seeds` (a bench of 7 seeds for `--seed 7`)."""
+    from flowalign.cli import build_parser
+
+    args, extra = build_parser().parse_known_args(["bench", "shapes", "--reward", "shapes_strict", "--seed", "7"])
+    assert (args.seeds, args.reward_calls) == (3, None) and extra == ["--reward", "shapes_strict", "--seed", "7"]
+    args, extra = build_parser().parse_known_args(["train", "shapes", "--res", "auto"])
+    assert args.resume is None and extra == ["--res", "auto"]  # an unknown key then, named as such
+
+
 def test_cli_bench_stops_at_the_reward_call_budget(tmp_path):
     _tiny_setup(tmp_path)
     res = _run(

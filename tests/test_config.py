@@ -3,7 +3,16 @@
 import pytest
 
 from flowalign.cli import parse_overrides
-from flowalign.config import TrainConfig, load_config, load_prompts, make_config, preset_names, read_yaml, to_yaml
+from flowalign.config import (
+    PRESET_DIR,
+    TrainConfig,
+    load_config,
+    load_prompts,
+    make_config,
+    preset_names,
+    read_yaml,
+    to_yaml,
+)
 
 
 def test_unknown_key_names_it_and_lists_valid_keys():
@@ -99,3 +108,24 @@ def test_bad_bases_are_named(tmp_path):
     (tmp_path / "d.yaml").write_text("base: [shapes]\n")
     with pytest.raises(ValueError, match="base must name a preset or a YAML file"):
         read_yaml(str(tmp_path / "d.yaml"))
+
+
+def test_counts_betas_and_broken_yaml_are_named(tmp_path):
+    for key in ("train_batch_size", "grad_accum", "inner_epochs"):
+        with pytest.raises(ValueError, match=f"{key} must be >= 1, got 0"):
+            make_config({key: 0})
+    with pytest.raises(ValueError, match="adam_betas must be two numbers"):
+        make_config({"adam_betas": "0.9"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("max_steps: [1,\n")
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        load_config(str(bad))
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_the_preset(tmp_path, monkeypatch):
+    """`flowalign train shapes --output-dir shapes`, then `flowalign train shapes` again from the same folder."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "shapes").mkdir()
+    assert load_config("shapes") == load_config(str(PRESET_DIR / "shapes.yaml"))
+    (tmp_path / "mine.yaml").write_text("base: shapes\nseed: 4\n")
+    assert load_config("mine.yaml").seed == 4

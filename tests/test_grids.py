@@ -64,3 +64,18 @@ def test_a_prompt_the_reward_cannot_judge_leaves_the_grid_unscored_with_a_warnin
     path = write_grid(Judge(), rows, ["a red circle", "a cat"], tmp_path / "g.png")
     assert path.exists() and "scores" not in json.loads(path.with_suffix(".json").read_text())
     assert "grid left unscored: caption 'a cat' is outside the grammar" in caplog.text
+
+
+def test_the_metrics_plot_takes_evaluations_that_changed_prompt_sets_midway(tmp_path):
+    """A run resumed with other evaluation prompts (a text file instead of shapes:eval) has evaluations without the
+    checker's keys after the resume; the plot shows each metric where it exists."""
+    from flowalign.plots import plot_metrics
+
+    rows = [
+        {"step": 0, "eval/reward_mean": 0.5, "eval/strict": 0.3, "eval/strict_se": 0.02, "eval/partial": 0.6},
+        {"step": 1, "reward/mean": 0.5, "reward/std": 0.1},
+        {"step": 2, "reward/mean": 0.6, "reward/std": 0.1, "eval/reward_mean": 0.55},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = plot_metrics(tmp_path)
+    assert out.exists() and Image.open(out).size[0] > 0

@@ -69,6 +69,47 @@ def test_resume_is_exact(tmp_path):
     assert final_a["eval/reward_mean"] == final_b["eval/reward_mean"]
 
 
+def test_resuming_with_other_settings_uses_them_and_a_mismatched_checkpoint_changes_nothing(tmp_path, caplog):
+    first = _trainer(tmp_path, max_steps=2)
+    first.train(progress=False)
+    # a changed learning rate, weight decay and betas take effect (the saved optimizer state brings its own back)
+    again = _trainer(tmp_path, max_steps=3, learning_rate=1e-3, weight_decay=0.5, adam_betas=(0.8, 0.9))
+    again.train(resume=tmp_path / "checkpoints", progress=False)
+    group = again.optimizer.param_groups[0]
+    assert (group["lr"], group["weight_decay"], group["betas"]) == (1e-3, 0.5, (0.8, 0.9))
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])["train/lr"] == 1e-3
+    # EMA turned on for a checkpoint without one starts from its weights, not from the untrained LoRA
+    ema = _trainer(tmp_path, ema_decay=0.9)
+    with caplog.at_level("WARNING"):
+        ema.load(tmp_path / "checkpoints")
+    assert "has no EMA" in caplog.text
+    assert all(torch.equal(ema.ema[n], p) for n, p in ema.params.items())
+    assert any(p.abs().max() > 0 for n, p in ema.ema.items() if "lora_B" in n)
+    # another LoRA rank: one clear error, and the run's config.yaml is left as it was
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="does not match this model/LoRA config"):
+        _trainer(tmp_path, lora_rank=4, max_steps=3).train(resume=tmp_path / "checkpoints", progress=False)
+    assert (tmp_path / "config.yaml").read_text() == saved
+
+
+def test_a_fresh_run_into_a_used_directory_cannot_be_resumed_as_the_old_one(tmp_path, caplog):
+    _trainer(tmp_path, max_steps=2).train(progress=False)
+    fresh = _trainer(tmp_path, max_steps=2, learning_rate=1e-3)
+
+    def interrupted(step):
+        raise KeyboardInterrupt  # before its first checkpoint
+
+    fresh.train_step = interrupted
+    with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
+        fresh.train(progress=False)
+    assert "held a previous run (checkpoints up to step_000002)" in caplog.text
+    # `--resume auto` looks for checkpoints/latest: it must not continue the old run under the new config
+    assert not (tmp_path / "checkpoints" / "latest").exists()
+    again = _trainer(tmp_path, max_steps=1, learning_rate=1e-3)
+    records = again.train(resume="auto", progress=False)  # nothing of its own to resume: a fresh start
+    assert [r["step"] for r in records] == [0, 1] and again.step == 1
+
+
 def test_a_compiled_transformer_samples_replays_and_trains_as_the_eager_one(tmp_path):
     """`compile` may change speed only: the same rollouts and log-probs (to float tolerance), replays equal to the
     sampled log-probs, the same update, and the same images afterwards with the LoRA gate (`lora_min_sigma`) on."""
