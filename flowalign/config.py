@@ -108,6 +108,7 @@ class TrainConfig:
     seed: int = 0
     output_dir: str = "runs/shapes"
     save_every: int = 25  # checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 0  # 0 keeps every checkpoint; N keeps the N latest (a FLUX full fine-tune's is ~24 GB)
     eval_every: int = 25  # evaluate every N steps (and at start and end); 0 = only start and end
     eval_seed: int = 1234
     eval_batch_size: int = 64  # images per evaluation batch; each batch is seeded by (eval_seed, its start), and the
@@ -135,6 +136,8 @@ class TrainConfig:
             )
         if self.prompts_per_step < 1 or self.max_steps < 0 or self.num_steps < 2 or self.eval_num_steps < 1:
             raise ValueError("prompts_per_step >= 1, max_steps >= 0, num_steps >= 2 and eval_num_steps >= 1 required")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
         for name in ("train_batch_size", "grad_accum", "inner_epochs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

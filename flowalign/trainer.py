@@ -589,6 +589,13 @@ class GRPOTrainer:
         latest_tmp = root / ".latest.tmp"
         latest_tmp.write_text(final.name)
         os.replace(latest_tmp, root / "latest")
+        if self.cfg.keep_checkpoints:
+            # Once the new one and `latest` are in place: this run's oldest go, and any later step, which an earlier
+            # run in this directory (or the rest of a run resumed from before its end) left behind.
+            steps = sorted(root.glob("step_*"), key=lambda d: int(d.name.removeprefix("step_")))
+            mine = [d for d in steps if int(d.name.removeprefix("step_")) <= self.step]
+            for old in mine[: -self.cfg.keep_checkpoints] + steps[len(mine) :]:
+                shutil.rmtree(old)
         return final
 
     def load(self, path: str | Path) -> None:

@@ -92,6 +92,17 @@ def test_resuming_with_other_settings_uses_them_and_a_mismatched_checkpoint_chan
     assert (tmp_path / "config.yaml").read_text() == saved
 
 
+def test_keep_checkpoints_keeps_the_latest_and_resume_still_works(tmp_path):
+    _trainer(tmp_path, max_steps=3, save_every=1, keep_checkpoints=2).train(progress=False)
+    assert sorted(d.name for d in (tmp_path / "checkpoints").glob("step_*")) == ["step_000002", "step_000003"]
+    resumed = _trainer(tmp_path, max_steps=4, save_every=1, keep_checkpoints=2)
+    resumed.train(resume="auto", progress=False)
+    assert resumed.step == 4
+    assert sorted(d.name for d in (tmp_path / "checkpoints").glob("step_*")) == ["step_000003", "step_000004"]
+    _trainer(tmp_path, max_steps=1, keep_checkpoints=2).train(progress=False)  # a new run into this directory
+    assert sorted(d.name for d in (tmp_path / "checkpoints").glob("step_*")) == ["step_000001"]  # no stale steps
+
+
 def test_a_fresh_run_into_a_used_directory_cannot_be_resumed_as_the_old_one(tmp_path, caplog):
     _trainer(tmp_path, max_steps=2).train(progress=False)
     fresh = _trainer(tmp_path, max_steps=2, learning_rate=1e-3)
