@@ -94,13 +94,16 @@ def shapes_evaluator(images: torch.Tensor, prompts: list[str]) -> dict[str, floa
     return evaluate(images, prompts)
 
 
-def build_trainer(cfg: TrainConfig, **kwargs: Any) -> GRPOTrainer:
+def build_trainer(cfg: TrainConfig, *, training: bool = True, **kwargs: Any) -> GRPOTrainer:
+    """The trainer of `cfg`: prompt sets first (a missing file is named before a model loads), then the model and
+    reward. `training=False` (evaluating, sampling, comparing or exporting a run) skips the training prompts, which
+    such uses never read, so a run made with a relative prompt file loads from any directory."""
+    train_prompts, columns = load_prompt_set(cfg.prompts) if training else ([], {})
+    eval_prompts, eval_columns = load_prompt_set(cfg.eval_prompts)
     accelerator = make_accelerator(cfg)
     adapter = build_adapter(cfg, accelerator.device)
     reward_fn, name = build_reward(cfg.reward, normalize=cfg.reward_normalize, log_tame=cfg.reward_log_tame)
     evaluator = shapes_evaluator if cfg.eval_prompts.startswith("shapes:") else None
-    train_prompts, columns = load_prompt_set(cfg.prompts)
-    eval_prompts, eval_columns = load_prompt_set(cfg.eval_prompts)
     return GRPOTrainer(
         cfg,
         adapter,
@@ -209,7 +212,7 @@ def load_run(checkpoint: str | Path, *, keep_reference: bool = False, **override
     sampling or comparing the run. `keep_reference`: a full fine-tune also keeps its base model (for `compare`)."""
     ckpt = checkpoint_dir(checkpoint)
     cfg = load_config(str(ckpt / "config.yaml"), {"log_with": (), **overrides})  # no tracker: nothing trains
-    trainer = build_trainer(cfg, keep_reference=keep_reference)
+    trainer = build_trainer(cfg, training=False, keep_reference=keep_reference)
     trainer.load(ckpt)
     return trainer
 
@@ -231,7 +234,7 @@ def evaluate(config: str | None = None, *, checkpoint: str | Path | None = None,
         cfg = load_config(config or "shapes", overrides)
     if cfg.num_eval_prompts < 1:  # before any model loads
         raise ValueError(f"num_eval_prompts must be >= 1 to evaluate, got {cfg.num_eval_prompts}")
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, training=False)
     if checkpoint is not None:
         trainer.load(ckpt)
     return trainer.evaluate()

@@ -139,7 +139,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         # A bare model samples as its card recommends (a zoo model ships its settings); --key value still wins.
         trainer = build_trainer(
-            load_config(None, {"model": args.model, **recommended_sampling(args.model), **overrides})
+            load_config(None, {"model": args.model, **recommended_sampling(args.model), **overrides}), training=False
         )
     cfg = trainer.cfg
     if trainer.accelerator.is_main_process:

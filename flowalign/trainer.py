@@ -151,8 +151,6 @@ class GRPOTrainer:
         keep_reference: bool | None = None,
     ) -> None:
         cfg.validate()
-        if not train_prompts:
-            raise ValueError("no training prompts")
         self.cfg, self.adapter, self.reward_fn = cfg, adapter, reward_fn
         self.train_prompts = list(train_prompts)
         self.evaluator, self.reward_name = evaluator, reward_name
@@ -260,6 +258,8 @@ class GRPOTrainer:
     def sample(self, step: int) -> Trajectory:
         """P prompts x G samples with log-probs; group p occupies rows p*G .. p*G+G-1."""
         cfg = self.cfg
+        if not self.train_prompts:  # a trainer built to evaluate, sample or export a run (`build_trainer`)
+            raise ValueError(f"no training prompts: this trainer was built without them (prompts: {cfg.prompts!r})")
         rank = self.accelerator.process_index
         rng = np.random.default_rng(_seed(cfg.seed, step, rank, 1))
         replace = len(self.train_prompts) < cfg.prompts_per_step

@@ -267,3 +267,22 @@ def test_compare_on_a_prompt_file_scores_with_its_columns(tmp_path, monkeypatch)
     images = api.load_run("out").generate(list(TARGET), seed)
     expected = [-abs(float(im.mean()) - t) for im, t in zip(images, TARGET.values(), strict=True)]
     assert cmp_grid["scores"]["aligned"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_run_with_a_relative_prompt_file_is_evaluated_and_exported_from_anywhere(tmp_path):
+    """eval / export / sample --checkpoint never read the training prompts, so a run made with `--prompts
+    mine.txt` works from another directory; training without them says what is missing."""
+    from flowalign.api import evaluate, export, load_run
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mine.txt").write_text("a red circle\na blue square\n")
+    run = tmp_path / "run"
+    train = ["train", "shapes", "--prompts", "mine.txt", "--max-steps", "1", "--prompts-per-step", "1"]
+    train += ["--group-size", "4", "--train-batch-size", "4", "--num-eval-prompts", "2", "--grid-prompts", "0"]
+    res = _run([*train, "--output-dir", str(run), "--no-progress"], work)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert evaluate(checkpoint=run)["eval/n"] == 2  # from this test's working directory: no mine.txt here
+    assert export(run, tmp_path / "exported").kind == "lora"
+    with pytest.raises(ValueError, match="no training prompts: this trainer was built without them"):
+        load_run(run, max_steps=2).train(resume="auto", progress=False)
