@@ -311,9 +311,8 @@ class GRPOTrainer:
         cost = {"cost/model_evals": float(batch * traj.num_steps), "cost/reward_calls": float(batch)}
         values = None
         if cfg.credit != "outcome":
-            with (
-                self.accelerator.autocast()
-            ):  # the rollout's precision: R_k and R_n from one computation of the policy
+            # the rollout's precision: R_k and R_n from one computation of the policy
+            with self.accelerator.autocast():
                 sr = step_rewards(
                     self.adapter,
                     traj,
@@ -327,19 +326,36 @@ class GRPOTrainer:
                 "cost/model_evals": cost["cost/model_evals"] + sr.model_evals,
                 "cost/reward_calls": sr.reward_calls,
             }
+        totals, groups, scopes = rewards.total, self.group_ids, None
+        rank, procs = self.accelerator.process_index, self.accelerator.num_processes
+        if procs > 1:
+            # Credit over every process's rows (group ids made unique, each row's process as its scope), so
+            # adv_std "batch" and credit_balance "global" span the whole batch; "batch" balancing stays per process.
+            def gather(t: Tensor) -> Tensor:
+                return self.accelerator.gather(t.to(self.device)).cpu()
+
+            values = None if values is None else gather(values)
+            totals = gather(totals)
+            groups = gather(self.group_ids + rank * cfg.prompts_per_step)
+            scopes = gather(torch.full_like(self.group_ids, rank))
         out = credit_lib.assign_credit(
             values,
-            rewards.total,
-            self.group_ids,
+            totals,
+            groups,
             credit=cfg.credit,
             n=n,
             constrained=cfg.credit_constrained,
             first_step=cfg.credit_first_step,
             balance=cfg.credit_balance,
             balance_key=cfg.credit_balance_key,
+            scope_ids=scopes,
             std_scope=cfg.adv_std,
             clip=cfg.adv_clip,
         )
+        if procs > 1:  # this process's rows
+            rows = slice(rank * batch, (rank + 1) * batch)
+            sliced = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
+            out = dataclasses.replace(out, **{k: v[rows] for k, v in sliced.items() if v is not None})
         return out, {k: float(v) for k, v in cost.items()}
 
     # ----------------------------------------------------------------------------------------- update

@@ -4,7 +4,8 @@ batches of one image (so the ranks share out the four evaluation images):
 - `full`: 3 steps, then the summary and grid (every rank calls it, as the CLI does);
 - `resumed`: 2 steps, then a new trainer resumes from its checkpoint to step 3;
 - `stopped`: up to 4 steps, with a stop condition that only the second process meets, at step 2;
-- `uneven`: 2 steps in which rank 1 drops a group of equal rewards (fewer minibatches there).
+- `uneven`: 2 steps in which rank 1 drops a group of equal rewards (fewer minibatches there);
+- `batch_std` / `tp_global`: one step's credit with statistics over both processes' rows.
 Saves, per rank, the LoRA weights at the start and end of each run, the images `generate` gives every rank, and
 how many images an evaluation scored on this rank."""
 
@@ -59,7 +60,40 @@ uneven = tiny_trainer(
     out / "uneven", prompts, uneven_reward, rng_after_load=1000 + rank, max_steps=2, train_batch_size=4, eval_every=0
 )
 uneven.train(progress=False)
+# Credit over both processes' rows: record each rank's rewards, step rewards and advantages for the test to
+# recompute on the union (adv_std "batch" and credit_balance "global" must span the whole batch).
+import flowalign.trainer as trainer_module  # noqa: E402
+
+recorded = {}
+real_step_rewards = trainer_module.step_rewards
+
+
+def recording_step_rewards(*args, **kwargs):
+    out = real_step_rewards(*args, **kwargs)
+    recorded["values"] = out.values
+    return out
+
+
+trainer_module.step_rewards = recording_step_rewards
+credit_runs = {}
+for name, over in {
+    "batch_std": dict(adv_std="batch"),
+    "tp_global": dict(credit="turning_point", credit_balance="global", adv_std="batch"),
+}.items():
+    recorded.clear()
+    tr = tiny_trainer(out / name, prompts, rng_after_load=1000 + rank, max_steps=1, **over)
+    traj = tr.sample(0)
+    judged = tr.score(traj.images, traj.prompts, traj.columns)
+    credit, _ = tr.assign_credit(traj, judged)
+    credit_runs[name] = {
+        "totals": judged.total,
+        "values": recorded.get("values"),
+        "advantages": credit.advantages,
+        "turning": credit.turning,
+        "group_ids": tr.group_ids,
+    }
 result = {
+    "credit": credit_runs,
     "uneven": uneven.trainable_state(),
     "stopped_at": stopped.step,
     "start": start,

@@ -299,6 +299,7 @@ def test_two_processes_train_resume_and_evaluate_as_one_run(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     for key in ("start", "end", "resumed", "uneven"):
         assert all(torch.equal(r0[key][n], r1[key][n]) for n in r0[key]), key
+    _check_credit_spans_both_processes(r0["credit"], r1["credit"])
     assert any(not torch.equal(r0["start"][n], r0["end"][n]) for n in r0["end"]), "the run must have trained"
     assert all(torch.equal(r0["end"][n], r0["resumed"][n]) for n in r0["end"]), "resume must replay the run"
     assert r0["stopped_at"] == r1["stopped_at"] == 2, "a stop on any process stops all"
@@ -319,6 +320,31 @@ def test_two_processes_train_resume_and_evaluate_as_one_run(tmp_path):
     assert one.evaluate()["eval/reward_mean"] == pytest.approx(logs["full"][-1]["eval/reward_mean"], abs=1e-5)
     assert r0["eval_reward"] == r1["eval_reward"] == pytest.approx(logs["full"][-1]["eval/reward_mean"], abs=1e-5)
     assert r0["scored"] == r1["scored"] == len(PROMPTS) // 2, "each process scores its share of the images, once"
+
+
+def _check_credit_spans_both_processes(c0: dict, c1: dict) -> None:
+    """Each process's advantages are its rows of the credit computed on both processes' rows together (groups
+    kept apart, each row's process as its balancing scope); with a batch std that differs from one process alone."""
+    from flowalign.credit import assign_credit
+
+    settings = {"batch_std": {}, "tp_global": dict(credit="turning_point", balance="global")}
+    for name, over in settings.items():
+        a, b = c0[name], c1[name]
+        p = int(a["group_ids"].max()) + 1
+        both = assign_credit(
+            None if a["values"] is None else torch.cat([a["values"], b["values"]]),
+            torch.cat([a["totals"], b["totals"]]),
+            torch.cat([a["group_ids"], b["group_ids"] + p]),
+            n=a["advantages"].shape[1],
+            scope_ids=torch.cat([torch.zeros_like(a["group_ids"]), torch.ones_like(b["group_ids"])]),
+            std_scope="batch",
+            **over,
+        )
+        got = torch.cat([a["advantages"], b["advantages"]])
+        torch.testing.assert_close(got, both.advantages, rtol=0, atol=1e-6, msg=name)
+        assert torch.equal(torch.cat([a["turning"], b["turning"]]), both.turning), name
+        alone = assign_credit(a["values"], a["totals"], a["group_ids"], n=got.shape[1], std_scope="batch", **over)
+        assert not torch.allclose(alone.advantages, a["advantages"]), name  # the union's std, not one process's
 
 
 @pytest.mark.parametrize("lora_rank", [8, 0], ids=["lora", "full"])
