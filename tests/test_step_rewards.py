@@ -159,3 +159,25 @@ def test_after_renoised_steps_r_n_is_the_deterministic_completion_not_the_rollou
     sr_ode = step_rewards(sd3, ode_rest, _reward, _reward(ode_rest.images, prompts))
     assert sr_ode.start_states == [0, 1] and sr_ode.reward_calls == 2 * 3
     assert torch.equal(sr_ode.values[:, -1], _reward(ode_rest.images, prompts))
+
+
+@pytest.mark.parametrize("mode", ["x0", "coarse"])
+def test_an_estimated_completion_gives_r_n_by_the_same_estimate(sd3, mode):
+    """R_0..R_{n-1} from one-step x0 estimates (or coarse completions) must not end on the finished image: R_n is the
+    same estimate of the state after the last SDE step, computed here by hand."""
+    prompts = PROMPTS
+    traj = _rollout(sd3, [0, 1], seed=6)  # the steps after the window are ODE steps
+    final = _reward(traj.images, prompts)
+    kw = {"mode": "x0"} if mode == "x0" else {"completion_steps": 2}
+    sr = step_rewards(sd3, traj, _reward, final, **kw)
+    assert sr.start_states == [0, 1, 2]
+    x, s = traj.latents[:, 2], traj.sigmas
+    with torch.no_grad():
+        if mode == "x0":
+            x = x - s[2] * sd3.velocity(x, s[2], traj.cond, traj.guidance_scale)
+        else:  # two Euler steps over the remaining sigmas, as completion_sigmas picks them: s2 -> s4 -> 0
+            for a, b in ((s[2], s[4]), (s[4], s[6])):
+                x = x + (b - a) * sd3.velocity(x, a, traj.cond, traj.guidance_scale)
+        estimate = sd3.decode(x)
+    assert torch.allclose(sr.values[:, -1], _reward(estimate, prompts), atol=1e-6)
+    assert not torch.equal(sr.values[:, -1], final)  # the finished image is another one (close on this tiny model)

@@ -9,7 +9,9 @@ For a trajectory whose stochastic steps are s_0 < ... < s_{n-1}:
         is then the deterministic completion of the state after the last SDE step. When they re-noised
         (`Trajectory.untrained == "renoise"`), that state is completed deterministically like the others: every
         R_k then comes from the same completion, so d_{n-1} measures the last SDE step and not the switch from
-        re-noised to ODE sampling (on the built-in model re-noising alone scores higher than the ODE).
+        re-noised to ODE sampling (on the built-in model re-noising alone scores higher than the ODE). Likewise
+        with an estimated completion ("x0", or `completion_steps` fewer than the steps left): R_n is then the same
+        estimate of that state, so d_{n-1} does not compare an estimate with a finished image.
 Two ways to complete a state x at sigma_j:
   "ode": integrate the ODE to sigma = 0 on the schedule's remaining sigmas (or `completion_steps` of them) and
          decode: sum over completions of (T - j) evaluations -> O(T^2) per trajectory.
@@ -90,8 +92,11 @@ def step_rewards(
     sde = torch.nonzero(traj.sde_mask).flatten().tolist()
     if not sde:
         raise ValueError("step rewards need at least one stochastic step in the trajectory")
-    # Re-noised steps after the last SDE step: R_n is then a completion too (see the module doc).
-    renoised_rest = traj.untrained != "ode" and sde[-1] + 1 < traj.num_steps - 1
+    # R_n is a completion too when the rollout's own image is not how the others were measured: re-noised steps
+    # after the last SDE step, or an estimate ("x0", fewer completion steps) standing in for the remaining ODE steps
+    # (see the module doc). With one step left, every completion is that step.
+    estimate = mode != "ode" or completion_steps is not None
+    renoised_rest = (traj.untrained != "ode" or estimate) and sde[-1] + 1 < traj.num_steps - 1
     # State index reached before the first SDE step, then after each SDE step but the last (and the last).
     starts = [sde[0]] + [k + 1 for k in sde[:-1]] + ([sde[-1] + 1] if renoised_rest else [])
     values = [None] * len(starts)
