@@ -114,7 +114,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
             f"\nheld-out evaluation (step 0 vs step {summary.steps}; ± one standard error of the evaluation):"
             f"\n{_table(summary.base, summary.final)}"
         )
-        print(f"\nwrote {cfg.output_dir}/metrics.jsonl, summary.json" + (f", {summary.grid}" if summary.grid else ""))
+        print(
+            f"\nwrote {cfg.output_dir}/metrics.jsonl, metrics.png, summary.json"
+            + (f", {summary.grid}" if summary.grid else "")
+        )
     return 0
 
 
@@ -129,6 +132,8 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     columns = {} if args.prompt else file_columns
     if not prompts:
         raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
+    if not columns:  # a set that cycles or repeats a caption (shapes:eval/counting) draws each once per seed
+        prompts = list(dict.fromkeys(prompts))
     if args.compare and not args.checkpoint:
         raise ValueError("--compare draws a run's base model beside its aligned weights: give --checkpoint RUN_DIR")
     from flowalign.api import build_trainer, comparison_rows, load_run, recommended_sampling, write_grid
@@ -164,7 +169,8 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
             Image.fromarray(arr).save(out / f"{j:03d}_{stem}.png")
     # A run's own reward scores its images; a bare model has no reward of its own to be judged by.
     write_grid(trainer, rows, prompts, out / "grid.png", score=bool(args.checkpoint), columns=columns)
-    print(f"wrote {sum(len(r) for r in rows.values())} images and grid.png (+ grid.json) to {out}")
+    count = sum(len(r) for r in rows.values())
+    print(f"wrote {count} image{'s' if count != 1 else ''} and grid.png (+ grid.json) to {out}")
     return 0
 
 
@@ -271,7 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=int, default=None, help="training steps per seed (default: config max_steps)")
     b.add_argument("--reward-calls", type=float, default=None, help="budget: reward calls per seed")
     b.add_argument("--seconds", type=float, default=None, help="budget: training seconds per seed")
-    b.add_argument("--out", default=None, help="JSON path (default: <output_dir>_bench/bench.json)")
+    b.add_argument(
+        "--out",
+        default=None,
+        help="JSON path (default: <output_dir>_bench/bench.json; with --output-dir D: D/bench.json)",
+    )
     b.add_argument("--no-progress", action="store_true")
     x = sub.add_parser(
         "export",

@@ -37,7 +37,7 @@ class Export:
     usage: str  # Python that loads it
 
 
-def _usage(kind: str, path: Path, trainer: GRPOTrainer) -> str:
+def _usage(kind: str, path: Path, trainer: GRPOTrainer, dtype: str | None = None) -> str:
     """Python that loads the export and samples it as the run evaluated it."""
     from flowalign import zoo
 
@@ -48,6 +48,9 @@ def _usage(kind: str, path: Path, trainer: GRPOTrainer) -> str:
         empty = [k for k, v in pipe.config.items() if tuple(v or ()) == (None, None)]
         none = "".join(f", {k}=None" for k in empty if k not in type(pipe)._optional_components)
         lines = [f"from diffusers import {cls}", f'pipe = {cls}.from_pretrained("{path}"{none})']
+        if dtype not in (None, "float32"):  # saved in that dtype; from_pretrained alone would load it as fp32
+            lines[0:1] = ["import torch", lines[0]]
+            lines[-1] = lines[-1][:-1] + f", torch_dtype=torch.{dtype})"
     elif cfg.model in zoo.ZOO:
         lines = ["from flowalign import zoo", f'pipe = zoo.load("{cfg.model}")']
     else:
@@ -127,7 +130,7 @@ def export_run(trainer: GRPOTrainer, out: str | Path, *, merged: bool = False, d
         ema=trainer.ema is not None,
         lora_min_sigma=cfg.lora_min_sigma if kind == "lora" else 0.0,
         sampling=sampling,
-        usage=_usage(kind, out, trainer),
+        usage=_usage(kind, out, trainer, dtype),
     )
     (out / "export.json").write_text(json.dumps(asdict(result), indent=2))
     return result

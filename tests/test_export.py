@@ -76,6 +76,12 @@ def test_a_merged_lora_or_full_finetune_loads_with_from_pretrained_alone(tmp_pat
         loaded, base = _stock(pipe), _stock(tiny_sd3_pipeline(seed=0))
     assert (loaded - evaluated).abs().max() <= 1e-4
     assert not torch.allclose(loaded, base, atol=1e-4)  # and it is not the base model
+    if lora_rank == 0:  # saved in bf16 on request: the printed line loads it as such
+        half = export_run(trainer, tmp_path / "half", dtype="bfloat16")
+        assert "torch_dtype=torch.bfloat16)" in half.usage
+        scope: dict = {}
+        exec(half.usage.split("\nimage = ")[0], scope)  # imports and from_pretrained, as printed
+        assert scope["pipe"].transformer.dtype == torch.bfloat16
 
 
 def test_cli_export_prints_python_that_loads_and_samples_the_run(tmp_path):
