@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
     elif not args.plot_only:
+        unknown = [a for a in args.arms.split(",") if a not in ARMS]
+        if unknown:  # before any arm trains (each takes hours at the default budget)
+            parser.error(f"unknown arm(s) {', '.join(unknown)}; valid: {', '.join(ARMS)}")
         report = {"config": args.config, "seeds": args.seeds, "budget_reward_calls": args.reward_calls, "arms": {}}
         for name in args.arms.split(","):
             over = {**parse_overrides(extra), **ARMS[name], "output_dir": str(out / name)}

@@ -84,6 +84,8 @@ def run_bench(
     progress: bool = True,
 ) -> Path:
     """Trains `config` (+ overrides) for each seed 0..seeds-1 within the budget and writes the JSON report."""
+    if seeds < 1:
+        raise ValueError(f"bench needs at least one seed, got --seeds {seeds}")
     from flowalign.api import build_trainer
     from flowalign.trainer import check_trackers
 

@@ -356,7 +356,8 @@ class GRPOTrainer:
             rows = slice(rank * batch, (rank + 1) * batch)
             sliced = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
             out = dataclasses.replace(out, **{k: v[rows] for k, v in sliced.items() if v is not None})
-        return out, {k: float(v) for k, v in cost.items()}
+        # every process draws and scores a full batch: the run's cost is N times one process's
+        return out, {k: float(v) * procs for k, v in cost.items()}
 
     # ----------------------------------------------------------------------------------------- update
     @contextlib.contextmanager

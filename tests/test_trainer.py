@@ -309,6 +309,7 @@ def test_two_processes_train_resume_and_evaluate_as_one_run(tmp_path):
         for d in ("full", "resumed")
     }
     assert [r["step"] for r in logs["full"]] == [0, 1, 2, 3], "one line per step, written once"
+    assert logs["full"][1]["cost/reward_calls"] == 2 * 8, "both processes' samples were scored"
     assert _strip_times(logs["full"]) == _strip_times(logs["resumed"])
     assert (tmp_path / "full" / "grid.png").exists() and (tmp_path / "full" / "summary.json").exists()
 
