@@ -26,26 +26,35 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def model_card(model: str) -> dict[str, Any]:
+    """The settings a model ships with: a zoo model's card, or the `flowalign.json` that pretraining (and a
+    pipeline export) writes beside a local pipeline (e.g. max_sequence_length: the shapes model learned 4 zero
+    T5 tokens, not the pipeline's 256); {} for anything else."""
+    from flowalign import zoo
+
+    if model in zoo.ZOO:
+        return zoo.sampling_settings(model)
+    path = Path(model).expanduser() / "flowalign.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def load_model(model: str, dtype: str = "float32"):
     """A built-in zoo name, a local pipeline directory or a hub id -> (pipeline, recommended settings)."""
     from flowalign import zoo
     from flowalign.adapters import load_pipeline
 
     if model in zoo.ZOO:
-        pipe = zoo.load(model, torch_dtype=DTYPES[dtype])
-        return pipe, zoo.sampling_settings(model)
-    return load_pipeline(model, dtype=DTYPES[dtype]), {}
+        return zoo.load(model, torch_dtype=DTYPES[dtype]), model_card(model)
+    return load_pipeline(model, dtype=DTYPES[dtype]), model_card(model)
 
 
 def recommended_sampling(model: str) -> dict[str, Any]:
     """Config fields that sample `model` as its model card recommends: a zoo model ships them (the shapes model
-    draws far better at 40 re-noising steps and guidance 2.5 than at the config's generic 20 ODE steps and 4.5);
-    any other model: {} (the config's defaults)."""
-    from flowalign import zoo
-
-    if model not in zoo.ZOO:
+    draws far better at 40 re-noising steps and guidance 2.5 than at the config's generic 20 ODE steps and 4.5),
+    as does a local pipeline with a `flowalign.json`; any other model: {} (the config's defaults)."""
+    rec = model_card(model)
+    if "num_inference_steps" not in rec:
         return {}
-    rec = zoo.sampling_settings(model)
     fields = {"eval_num_steps": rec["num_inference_steps"], "guidance_scale": rec["guidance_scale"]}
     if "stochastic_sampling" in rec:
         fields["eval_sampler"] = "renoise" if rec["stochastic_sampling"] else "ode"

@@ -133,4 +133,14 @@ def export_run(trainer: GRPOTrainer, out: str | Path, *, merged: bool = False, d
         usage=_usage(kind, out, trainer, dtype),
     )
     (out / "export.json").write_text(json.dumps(asdict(result), indent=2))
+    if kind == "pipeline":  # read by flowalign when it loads this folder (`sample --model DIR`, a config's model)
+        card = {
+            "max_sequence_length": trainer.adapter.max_sequence_length,
+            "num_inference_steps": cfg.eval_num_steps,
+            "guidance_scale": cfg.eval_guidance,
+            "stochastic_sampling": cfg.eval_sampler == "renoise",
+            "height": trainer.adapter.height,
+            "width": trainer.adapter.width,
+        }
+        (out / "flowalign.json").write_text(json.dumps(card, indent=2))
     return result

@@ -76,6 +76,11 @@ def test_a_merged_lora_or_full_finetune_loads_with_from_pretrained_alone(tmp_pat
         loaded, base = _stock(pipe), _stock(tiny_sd3_pipeline(seed=0))
     assert (loaded - evaluated).abs().max() <= 1e-4
     assert not torch.allclose(loaded, base, atol=1e-4)  # and it is not the base model
+    # flowalign itself loads the folder with the run's settings (the text length above all)
+    from flowalign.api import load_model, recommended_sampling
+
+    assert load_model(str(tmp_path / "pipe"))[1]["max_sequence_length"] == 8
+    assert recommended_sampling(str(tmp_path / "pipe"))["eval_num_steps"] == trainer.cfg.eval_num_steps
     if lora_rank == 0:  # saved in bf16 on request: the printed line loads it as such
         half = export_run(trainer, tmp_path / "half", dtype="bfloat16")
         assert "torch_dtype=torch.bfloat16)" in half.usage

@@ -160,7 +160,9 @@ def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path, monkeypatch
     t = side["pretraining"]
     assert t["steps"] == 3
     assert len(compiled_calls) == 3  # one compiled forward per training step
-    assert t["command"].endswith("--steps 3 --seed 0 --compile --patch-size 8 --width 64 --layers 1")
+    # every changed option, so that the command reproduces the run (the device is named where not "auto")
+    tail = "--steps 3 --seed 0 --vae-steps 2 --device cpu --patch-size 8 --width 64 --layers 1 --compile --num-steps 2"
+    assert t["command"].endswith(f"{tail} --eval-seeds 0 --no-sweep")
     assert side["eval"]["n"] == len(world.eval_captions())
     card = (out / "README.md").read_text()
     assert "patch 8 on 32×32×3 pixels (16 image tokens)" in card
@@ -173,3 +175,40 @@ def test_transformer_config_rejects_sizes_that_do_not_tile() -> None:
         sm.transformer_config(patch_size=3)
     with pytest.raises(ValueError, match="multiple of 32"):
         sm.transformer_config(width=100)
+
+
+def test_the_cards_pretraining_command_reproduces_every_changed_setting():
+    """The card's command must carry every option the run changed, so that running it trains the same recipe."""
+    import shlex
+
+    from flowalign.zoo.pretrain import _changed_flags, build_parser
+
+    parser = build_parser()
+    argv = ["--minutes", "5", "--batch-size", "8", "--lr", "0.0005", "--no-bf16", "--compile", "--no-sweep"]
+    argv += ["--eval-seeds", "3", "4", "--width", "64", "--ema-decay", "0.9"]
+    args = parser.parse_args(argv)
+    flags = _changed_flags(parser, args, skip={"out", "runs", "threads", "steps", "minutes", "seed"})
+    again = parser.parse_args(["--minutes", "5", *shlex.split(flags)])
+    assert vars(again) == vars(args)
+    assert "--out" not in flags and "--threads" not in flags
+
+
+def test_the_missing_weights_error_names_the_shipped_recipe():
+    card = zoo.sampling_settings("shapes")["pretraining"]["command"]
+    assert zoo._PRETRAIN_COMMANDS["shapes"] == card
+
+
+def test_a_pretrained_folder_is_loaded_with_the_settings_it_ships(tmp_path):
+    """`pretrain --out DIR` writes flowalign.json beside the pipeline: loading DIR must use its text length (4
+    zero T5 tokens; the pipeline's default 256 gives another, much worse model) and sampling settings, as the zoo
+    name does."""
+    import shutil
+
+    from flowalign.api import build_adapter, load_model, recommended_sampling
+    from flowalign.config import make_config
+
+    shutil.copytree(zoo.model_dir("shapes"), tmp_path / "shapes_copy")
+    folder = str(tmp_path / "shapes_copy")
+    assert load_model(folder)[1] == zoo.sampling_settings("shapes")
+    assert recommended_sampling(folder) == recommended_sampling("shapes") != {}
+    assert build_adapter(make_config({"model": folder})).max_sequence_length == 4

@@ -1,6 +1,6 @@
 """Pretrains the built-in `shapes` model from scratch on procedurally drawn scenes (CPU, fixed seed).
 
-    python -m flowalign.zoo.pretrain --out flowalign/zoo/shapes --minutes 42 --seed 0
+    python -m flowalign.zoo.pretrain --out flowalign/zoo/shapes --minutes 52 --seed 0 --no-bf16 --compile
 
 Recipe (a nanoGPT-style linear script; the "why" is in the comments):
 1. Build the untrained pipeline from `shapes_model` configs (frozen random CLIP text encoders).
@@ -355,7 +355,23 @@ def _fmt(res: dict[str, float]) -> str:
     return f"strict {res['strict']:.3f} partial {res['partial']:.3f} [{cats}]"
 
 
-def main(argv: list[str] | None = None) -> None:
+def _changed_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, skip: set[str]) -> str:
+    """Every option that differs from its default, as command-line flags: the card's command reproduces the run."""
+    out = []
+    for key, value in vars(args).items():
+        if key in skip or value == parser.get_default(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, list):
+            out.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            out.append(f"{flag} {value}")
+    return "".join(" " + f for f in out)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "shapes", help="where the pipeline is saved")
     p.add_argument("--runs", type=Path, default=Path("runs/pretrain_shapes"), help="checkpoints + log (not shipped)")
@@ -373,11 +389,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--patch-size", type=int, default=sm.PATCH_SIZE, help="transformer patch (2: 256 image tokens)")
     p.add_argument("--width", type=int, default=sm.WIDTH, help="transformer width (a multiple of 32)")
     p.add_argument("--layers", type=int, default=sm.LAYERS, help="transformer joint blocks")
-    # The shipped weights were trained with bf16 autocast, so it stays the default; on this 2-core CPU, fp32
-    # (--no-bf16) is faster at this model size (eager: 210 vs 188 samples/s in isolation).
+    # bf16 autocast is the default (GPUs); on this 2-core CPU fp32 (--no-bf16) is faster at this model size (eager:
+    # 210 vs 188 samples/s in isolation), and the shipped v2 weights were trained so (see the card's command).
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (transformer)")
     # torch.compile fuses the many small ops of this tiny transformer: on the 2-core CPU, fp32 training went from
-    # 210 to 245 samples/s (bf16: 188 to 204), after ~30 s of compiling. Off by default: the shipped run was eager.
+    # 210 to 245 samples/s (bf16: 188 to 204), after ~30 s of compiling. Off by default (it needs a C++ compiler on
+    # CPU); the shipped v2 run used it.
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer's training forward")
     p.add_argument("--num-steps", type=int, default=20, help="steps of checkpoint evals (and final, --no-sweep)")
     p.add_argument("--guidance", type=float, default=4.0, help="guidance of checkpoint evals (and final, --no-sweep)")
@@ -390,6 +407,11 @@ def main(argv: list[str] | None = None) -> None:
         default=True,
         help="choose --num-steps/--guidance by a sweep on train captions before the final evaluation",
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(args.threads)
@@ -538,13 +560,7 @@ def main(argv: list[str] | None = None) -> None:
         "command": f"python -m flowalign.zoo.pretrain --out {args.out} "
         + (f"--steps {args.steps}" if args.steps else f"--minutes {args.minutes:g}")
         + f" --seed {args.seed}"
-        + ("" if args.bf16 else " --no-bf16")
-        + (" --compile" if args.compile else "")
-        + "".join(
-            f" --{k.replace('_', '-')} {getattr(args, k)}"
-            for k in ("patch_size", "width", "layers")
-            if getattr(args, k) != p.get_default(k)
-        ),
+        + _changed_flags(p, args, skip={"out", "runs", "threads", "steps", "minutes", "seed"}),
         "checkpoints": ckpts,
     }
     _finish(pipe, args, training, t_start)
