@@ -43,9 +43,10 @@ def load_model(model: str, dtype: str = "float32"):
     from flowalign import zoo
     from flowalign.adapters import load_pipeline
 
-    if model in zoo.ZOO:
-        return zoo.load(model, torch_dtype=DTYPES[dtype]), model_card(model)
-    return load_pipeline(model, dtype=DTYPES[dtype]), model_card(model)
+    pipe = (
+        zoo.load(model, torch_dtype=DTYPES[dtype]) if model in zoo.ZOO else load_pipeline(model, dtype=DTYPES[dtype])
+    )
+    return pipe, model_card(model)
 
 
 def recommended_sampling(model: str) -> dict[str, Any]:
@@ -105,11 +106,14 @@ def shapes_evaluator(images: torch.Tensor, prompts: list[str]) -> dict[str, floa
 
 def build_trainer(cfg: TrainConfig, *, training: bool = True, **kwargs: Any) -> GRPOTrainer:
     """The trainer of `cfg`: prompt sets first (a missing file is named before a model loads), then the model and
-    reward. `training=False` (evaluating, sampling, comparing or exporting a run) skips the training prompts, which
-    such uses never read, so a run made with a relative prompt file loads from any directory."""
+    reward (and, to train, a check that the trackers of `log_with` are installed). `training=False` (evaluating,
+    sampling, comparing or exporting a run) skips the training prompts, which such uses never read, so a run made
+    with a relative prompt file loads from any directory, and starts no tracker."""
+    if training:
+        check_trackers(cfg.log_with)
     train_prompts, columns = load_prompt_set(cfg.prompts) if training else ([], {})
     eval_prompts, eval_columns = load_prompt_set(cfg.eval_prompts)
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg, track=training)
     adapter = build_adapter(cfg, accelerator.device)
     reward_fn, name = build_reward(cfg.reward, normalize=cfg.reward_normalize, log_tame=cfg.reward_log_tame)
     evaluator = shapes_evaluator if cfg.eval_prompts.startswith("shapes:") else None
@@ -209,7 +213,6 @@ def write_summary_and_grid(trainer: GRPOTrainer) -> RunSummary:
 def train(config: str | None = "shapes", *, resume: str | None = None, progress: bool = True, **overrides: Any):
     """Runs a training job from a preset/YAML plus overrides; returns its RunSummary."""
     cfg = load_config(config, overrides)
-    check_trackers(cfg.log_with)  # before the model loads (minutes for FLUX)
     trainer = build_trainer(cfg)
     trainer.train(resume=resume, progress=progress)
     return write_summary_and_grid(trainer)
@@ -220,8 +223,9 @@ def load_run(checkpoint: str | Path, *, keep_reference: bool = False, **override
     of its checkpoint (`checkpoint_dir` resolves a run dir), EMA ones where the run kept them; for evaluating,
     sampling or comparing the run. `keep_reference`: a full fine-tune also keeps its base model (for `compare`)."""
     ckpt = checkpoint_dir(checkpoint)
-    cfg = load_config(str(ckpt / "config.yaml"), {"log_with": (), **overrides})  # no tracker: nothing trains
-    trainer = build_trainer(cfg, training=False, keep_reference=keep_reference)
+    trainer = build_trainer(
+        load_config(str(ckpt / "config.yaml"), overrides), training=False, keep_reference=keep_reference
+    )
     trainer.load(ckpt)
     return trainer
 
@@ -235,7 +239,6 @@ def evaluate(config: str | None = None, *, checkpoint: str | Path | None = None,
     """
     if checkpoint is not None and config is not None:
         raise ValueError("give a config (evaluates its base model) or a checkpoint (uses its run's config), not both")
-    overrides = {"log_with": (), **overrides}  # nothing trains: no tracker
     if checkpoint is not None:
         ckpt = checkpoint_dir(checkpoint)
         cfg = load_config(str(ckpt / "config.yaml"), overrides)

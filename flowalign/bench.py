@@ -87,11 +87,9 @@ def run_bench(
     if seeds < 1:
         raise ValueError(f"bench needs at least one seed, got --seeds {seeds}")
     from flowalign.api import build_trainer
-    from flowalign.trainer import check_trackers
 
     overrides = dict(overrides or {})
     base = load_config(config, overrides)
-    check_trackers(base.log_with)
     root = Path(overrides.get("output_dir", base.output_dir + "_bench"))
     runs = []
     for seed in range(seeds):

@@ -100,10 +100,8 @@ def _table(base: dict[str, float], final: dict[str, float]) -> str:
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from flowalign.api import build_trainer, write_summary_and_grid
     from flowalign.config import load_config
-    from flowalign.trainer import check_trackers
 
     cfg = load_config(args.config, parse_overrides(extra))
-    check_trackers(cfg.log_with)  # before the model loads
     trainer = build_trainer(cfg)
     if trainer.accelerator.is_main_process:
         print(banner(trainer), flush=True)
@@ -235,7 +233,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=strict)
     t = sub.add_parser(
         "train",
-        allow_abbrev=False,
         help="GRPO training from a preset or YAML",
         description="Any config key can be overridden: --key value. Keys: " + ", ".join(field_names()),
     )

@@ -33,12 +33,26 @@ class Export:
     step: int
     ema: bool  # the EMA weights were exported
     lora_min_sigma: float  # > 0: the LoRA must be gated to sigma >= this after loading
-    sampling: dict  # the run's evaluation settings: what its reported accuracy was measured with
+    sampling: dict  # the run's evaluation settings (what its figures were measured with); flowalign.json of a pipeline
     usage: str  # Python that loads it
 
 
-def _usage(kind: str, path: Path, trainer: GRPOTrainer, dtype: str | None = None) -> str:
-    """Python that loads the export and samples it as the run evaluated it."""
+def _sampling(trainer: GRPOTrainer) -> dict:
+    """How the run evaluated, in a model card's keys (those `flowalign.api.model_card` reads back)."""
+    cfg, adapter = trainer.cfg, trainer.adapter
+    return {
+        "num_inference_steps": cfg.eval_num_steps,
+        "guidance_scale": cfg.eval_guidance,
+        "stochastic_sampling": cfg.eval_sampler == "renoise",
+        # the text length matters: the shapes model learned 4 zero T5 tokens, not the pipeline's 256
+        "max_sequence_length": adapter.max_sequence_length,
+        "height": adapter.height,
+        "width": adapter.width,
+    }
+
+
+def _usage(kind: str, path: Path, trainer: GRPOTrainer, sampling: dict, dtype: str | None = None) -> str:
+    """Python that loads the export and samples it as the run evaluated it (`sampling`)."""
     from flowalign import zoo
 
     cfg, pipe = trainer.cfg, trainer.adapter.pipe
@@ -63,16 +77,13 @@ def _usage(kind: str, path: Path, trainer: GRPOTrainer, dtype: str | None = None
                 f"limit_lora(pipe.transformer, {cfg.lora_min_sigma}, {trainer.adapter.timestep_per_sigma:g})"
                 "  # the LoRA acts only where it was trained"
             )
-    stochastic = cfg.eval_sampler == "renoise"
+    call = dict(sampling)
+    stochastic = call.pop("stochastic_sampling")
     if bool(pipe.scheduler.config.get("stochastic_sampling", False)) != stochastic:
         lines.append(
             f"pipe.scheduler.register_to_config(stochastic_sampling={stochastic})  # the run's {cfg.eval_sampler}"
         )
-    lines.append(  # the text length matters: the shapes model learned 4 zero T5 tokens, not the pipeline's 256
-        f'image = pipe("a prompt", num_inference_steps={cfg.eval_num_steps}, guidance_scale={cfg.eval_guidance}, '
-        f"max_sequence_length={trainer.adapter.max_sequence_length}, height={trainer.adapter.height}, "
-        f"width={trainer.adapter.width}).images[0]"
-    )
+    lines.append(f'image = pipe("a prompt", {", ".join(f"{k}={v}" for k, v in call.items())}).images[0]')
     return "\n".join(lines)
 
 
@@ -117,11 +128,7 @@ def export_run(trainer: GRPOTrainer, out: str | Path, *, merged: bool = False, d
                 transformer.unload_lora()
             transformer.to(DTYPES[dtype or "float32"])
             pipe.save_pretrained(out)
-    sampling = {
-        "num_inference_steps": cfg.eval_num_steps,
-        "guidance_scale": cfg.eval_guidance,
-        "sampler": cfg.eval_sampler,
-    }
+    sampling = _sampling(trainer)
     result = Export(
         path=str(out),
         kind=kind,
@@ -130,17 +137,9 @@ def export_run(trainer: GRPOTrainer, out: str | Path, *, merged: bool = False, d
         ema=trainer.ema is not None,
         lora_min_sigma=cfg.lora_min_sigma if kind == "lora" else 0.0,
         sampling=sampling,
-        usage=_usage(kind, out, trainer, dtype),
+        usage=_usage(kind, out, trainer, sampling, dtype),
     )
     (out / "export.json").write_text(json.dumps(asdict(result), indent=2))
     if kind == "pipeline":  # read by flowalign when it loads this folder (`sample --model DIR`, a config's model)
-        card = {
-            "max_sequence_length": trainer.adapter.max_sequence_length,
-            "num_inference_steps": cfg.eval_num_steps,
-            "guidance_scale": cfg.eval_guidance,
-            "stochastic_sampling": cfg.eval_sampler == "renoise",
-            "height": trainer.adapter.height,
-            "width": trainer.adapter.width,
-        }
-        (out / "flowalign.json").write_text(json.dumps(card, indent=2))
+        (out / "flowalign.json").write_text(json.dumps(sampling, indent=2))
     return result

@@ -93,19 +93,21 @@ def evenly_spaced(items: list, n: int) -> list:
     return [items[(i * len(items)) // n] for i in range(n)]
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """The run's Accelerator: precision, device, and the experiment trackers of `log_with` (started by `train`)."""
+def make_accelerator(cfg: TrainConfig, *, track: bool = True) -> Accelerator:
+    """The run's Accelerator: precision, device, and (`track`) the experiment trackers of `log_with`, started by
+    `train`; a trainer that only evaluates, samples or exports a run starts none."""
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=cfg.device == "cpu",
-        log_with=list(cfg.log_with) or None,
+        log_with=(list(cfg.log_with) or None) if track else None,
         project_dir=cfg.output_dir,
     )
 
 
 def check_trackers(names: Sequence[str]) -> None:
     """One clear error for a `log_with` tracker whose package is missing: accelerate would drop it silently, and a
-    run meant for W&B would log only to metrics.jsonl. Called before a run loads its model and again by `train`."""
+    run meant for W&B would log only to metrics.jsonl. `build_trainer` calls it before the model loads; `train`
+    again, for trainers built by hand."""
     import accelerate.utils
 
     from flowalign.config import TRACKERS
@@ -609,9 +611,9 @@ class GRPOTrainer:
         if self.cfg.keep_checkpoints:
             # Once the new one and `latest` are in place: this run's oldest go, and any later step, which an earlier
             # run in this directory (or the rest of a run resumed from before its end) left behind.
-            steps = sorted(root.glob("step_*"), key=lambda d: int(d.name.removeprefix("step_")))
-            mine = [d for d in steps if int(d.name.removeprefix("step_")) <= self.step]
-            for old in mine[: -self.cfg.keep_checkpoints] + steps[len(mine) :]:
+            steps = sorted((int(d.name.removeprefix("step_")), d) for d in root.glob("step_*"))
+            mine = [d for s, d in steps if s <= self.step]
+            for old in mine[: -self.cfg.keep_checkpoints] + [d for s, d in steps if s > self.step]:
                 shutil.rmtree(old)
         return final
 

@@ -96,9 +96,9 @@ def step_rewards(
     # after the last SDE step, or an estimate ("x0", fewer completion steps) standing in for the remaining ODE steps
     # (see the module doc). With one step left, every completion is that step.
     estimate = mode != "ode" or completion_steps is not None
-    renoised_rest = (traj.untrained != "ode" or estimate) and sde[-1] + 1 < traj.num_steps - 1
+    complete_last = (traj.untrained != "ode" or estimate) and sde[-1] + 1 < traj.num_steps - 1
     # State index reached before the first SDE step, then after each SDE step but the last (and the last).
-    starts = [sde[0]] + [k + 1 for k in sde[:-1]] + ([sde[-1] + 1] if renoised_rest else [])
+    starts = [sde[0]] + [k + 1 for k in sde[:-1]] + ([sde[-1] + 1] if complete_last else [])
     values = [None] * len(starts)
     evals = 0
     for i, j in enumerate(starts):
@@ -107,6 +107,6 @@ def step_rewards(
         evals += len(traj.prompts) * (1 if mode == "x0" else sig.numel() - 1)
         values[i] = reward(adapter.decode(final), traj.prompts).detach().float().cpu()
     calls = len(traj.prompts) * (len(starts) + 1)  # the final images are scored either way
-    if not renoised_rest:
+    if not complete_last:
         values.append(final_rewards.detach().float().cpu())
     return StepRewards(torch.stack(values, dim=1), starts, evals, calls)
