@@ -48,6 +48,13 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
 def banner(trainer) -> str:
     cfg = trainer.cfg
     n_train = cfg.sde_window or cfg.num_steps - 1
+    window = ""
+    if cfg.sde_window:
+        window = (
+            f" in a window sliding {cfg.sde_window_stride} every {cfg.sde_window_shift_every} steps"
+            if cfg.sde_window_shift_every
+            else " in a random window"
+        )
     per_step = cfg.batch_size * cfg.inner_epochs // cfg.train_batch_size
     lines = [
         f"flowalign train  model={cfg.model}  reward={trainer.reward_name}  credit={cfg.credit}"
@@ -56,7 +63,7 @@ def banner(trainer) -> str:
         f"  (x {trainer.accelerator.num_processes} processes)",
         f"  minibatch {cfg.train_batch_size}, {per_step} minibatches/step, grad_accum {cfg.grad_accum}"
         f" -> {max(1, per_step // cfg.grad_accum)} optimizer steps/step",
-        f"  denoising: {cfg.num_steps} steps train ({n_train} trained, {cfg.sampler}, a={cfg.noise_level};"
+        f"  denoising: {cfg.num_steps} steps train ({n_train} trained{window}, {cfg.sampler}, a={cfg.noise_level};"
         f" rest {cfg.untrained_sampler}),"
         f" {cfg.eval_num_steps} eval ({cfg.eval_sampler}); CFG {cfg.guidance_scale}",
         f"  {'LoRA r=' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"

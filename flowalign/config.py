@@ -59,6 +59,10 @@ class TrainConfig:
     sampler: str = "sde"  # sde | cps
     sde_window: int = 0  # >0: SDE (and training) only on a random window of this many early steps
     sde_window_max_start: int | None = None  # last allowed window start; None = within the first half
+    # 0: a random window each step (Flow-GRPO-Fast). N > 0: MixGRPO's sliding window, starting at step 0 and moving
+    # `sde_window_stride` steps later every N training steps until it reaches sde_window_max_start, where it stays.
+    sde_window_shift_every: int = 0
+    sde_window_stride: int = 1
     group_shared_noise: bool = False  # a group's G samples start from one initial noise, so the group baseline
     # absorbs the reward variance the initial noise causes, which no step's log-prob can explain
     min_noise_std: float = 0.02  # steps whose noise std is below this run ODE: they explore nothing yet their
@@ -156,6 +160,13 @@ class TrainConfig:
             raise ValueError(f"lora_min_sigma must be in [0, 1] and needs lora_rank > 0, got {self.lora_min_sigma}")
         if self.sde_window >= self.num_steps:
             raise ValueError(f"sde_window ({self.sde_window}) must be < num_steps ({self.num_steps}); 0 = all steps")
+        if self.sde_window_shift_every < 0 or self.sde_window_stride < 1:
+            raise ValueError(
+                f"sde_window_shift_every must be >= 0 and sde_window_stride >= 1, got {self.sde_window_shift_every}"
+                f" and {self.sde_window_stride}"
+            )
+        if self.sde_window_shift_every and not self.sde_window:
+            raise ValueError("sde_window_shift_every slides an sde_window: set sde_window > 0 too")
         if self.mixed_precision == "fp16":
             raise ValueError(
                 "mixed_precision fp16 is not supported: it needs loss scaling, which the trainer does not do; use bf16"

@@ -235,12 +235,13 @@ def turning_point_rewards(
     every other step `r_k = d_k`.
 
     "(replacing d_k, when non-zero)": a turning point must actually replace a non-zero increment with
-    a non-zero long-term reward, so both `d_k != 0` and `R_n - R_k != 0` are required. Every definition
-    above already implies `d_k != 0` (it has a sign(d_k) factor), and the constrained ones imply
-    `R_n - R_k = d_k + (R_n - R_{k+1}) != 0` (two non-zero terms of one sign); the guard only bites in
-    the unconstrained k >= 1 case when the trajectory ends exactly at R_k: that step keeps d_k and is
-    not flagged, so `turning` always marks exactly the steps where r != d and
-    `sum(r) - G == sum over turning k of (R_n - R_{k+1})` holds.
+    another, non-zero long-term reward, so `d_k != 0`, `R_n - R_k != 0` and `R_n - R_{k+1} != 0` (else
+    r_k = d_k) are required. Every definition above already implies `d_k != 0` (it has a sign(d_k)
+    factor), and the constrained ones imply the other two (`R_n - R_k = d_k + (R_n - R_{k+1})`, two
+    non-zero terms of one sign); the guard only bites in the unconstrained rules when the trajectory ends
+    exactly at R_k or R_{k+1}: that step keeps d_k and is not flagged (the TP-GRPO code counts it, and it
+    would take a balancing slot while changing nothing). So `turning` marks exactly the steps where
+    r != d, and `sum(r) - G == sum over turning k of (R_n - R_{k+1})` holds.
 
     Consequences (tested): G = 0 gives no turning point (s_k = 0; for the constrained k = 0 rule
     R_n - R_1 = -d_0); the constrained last step is never one (R_n - R_n = 0); a constrained turning
@@ -271,7 +272,7 @@ def turning_point_rewards(
         # Constrained k = 0: sign(d_0)*sign(R_n - R_1) > 0, which implies s_0 > 0 (G = d_0 + (R_n - R_1)
         # has their common sign); `s_0 > 0` is spelled out so float rounding can never break that.
         turning[:, 0] = ((s[:, 0] > 0) & consistent[:, 0]) if constrained else (s[:, 0] > 0)
-    turning &= (d != 0) & (to_end != 0)
+    turning &= (d != 0) & (to_end != 0) & (after != 0)  # a turning point changes its step's reward
     r = torch.where(turning, to_end, d)
     return r, turning
 
@@ -449,8 +450,10 @@ def turning_point_credit(
             scope = group_ids
             if scope_ids is not None:  # group ids may repeat across gathered processes: refine by scope
                 scope = torch.unique(torch.stack([scope_ids, group_ids], dim=1), dim=0, return_inverse=True)[1]
-        else:  # "batch" / "global": the caller decides what the passed rows (and scope_ids) span
+        elif balance == "batch":  # the passed rows, or one scope per scope_ids value (e.g. each row's process)
             scope = scope_ids
+        else:  # "global": every passed row in one scope, whatever process each came from
+            scope = None
         r, turning = balance_turning_points(step_rewards, r, turning, scope_ids=scope, key=balance_key)
     R = _float(step_rewards)
     return _finish(r, turning, R[:, -1] - R[:, 0], group_ids, std_scope, eps, clip)
@@ -487,7 +490,7 @@ def assign_credit(
             (e.g. the process rank of each row when the caller gathered several processes' batches,
             the TP-GRPO code's per-process sampling batch); "group" = one scope per prompt group
             (refined by `scope_ids` when given, so per-process group ids can repeat); "global" = one
-            scope over everything: the caller must pass rows (or `scope_ids`) covering all processes.
+            scope over every row passed (`scope_ids` ignored): the caller must pass all processes' rows.
             On one process "global" and "batch" coincide; this pure function never communicates.
         balance_key: "abs_G" (paper) or "abs_r" (see `balance_turning_points`).
         scope_ids: [B] integer balancing scopes, or None.

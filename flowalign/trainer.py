@@ -31,7 +31,14 @@ from flowalign import credit as credit_lib
 from flowalign.config import TrainConfig, to_yaml
 from flowalign.lora_window import limit_lora
 from flowalign.losses import policy_step_loss
-from flowalign.samplers.rollout import noise_stds, replay_step, rollout, sde_window, window_starts
+from flowalign.samplers.rollout import (
+    noise_stds,
+    replay_step,
+    rollout,
+    sde_window,
+    sliding_window_start,
+    window_starts,
+)
 from flowalign.samplers.step_rewards import step_rewards
 from flowalign.types import FlowAdapter, Trajectory
 
@@ -248,12 +255,19 @@ class GRPOTrainer:
 
     # ----------------------------------------------------------------------------------------- sampling
     def _sde_steps(self, step: int) -> list[int]:
-        """The exploring steps (all, or a Flow-GRPO-Fast window drawn reproducibly for this step)."""
+        """The exploring steps: all, a Flow-GRPO-Fast window drawn reproducibly for this step, or MixGRPO's sliding
+        window at this step's position."""
         cfg = self.cfg
         if cfg.sde_window <= 0:
             return [k for k, ok in enumerate(self.explores) if ok]
+        start = None
+        if cfg.sde_window_shift_every:
+            starts = window_starts(cfg.num_steps, cfg.sde_window, cfg.sde_window_max_start)
+            start = sliding_window_start(step, cfg.sde_window_shift_every, cfg.sde_window_stride, starts)
         gen = torch.Generator().manual_seed(_seed(cfg.seed, step, 4))  # same window on every process
-        window = sde_window(cfg.num_steps, cfg.sde_window, generator=gen, max_start=cfg.sde_window_max_start)
+        window = sde_window(
+            cfg.num_steps, cfg.sde_window, start=start, generator=gen, max_start=cfg.sde_window_max_start
+        )
         return [k for k in window if self.explores[k]]
 
     @torch.no_grad()

@@ -57,8 +57,8 @@ def reference_tp(R: list[float], constrained: bool, first_step: bool) -> tuple[l
             is_tp = s[k - 1] < 0 and s[k] > 0
             if constrained:
                 is_tp = is_tp and sgn(d[k]) * sgn(R[n] - R[k + 1]) > 0
-        # "(replacing d_k, when non-zero)": only a real replacement of a non-zero d_k by a non-zero R_n - R_k.
-        is_tp = is_tp and d[k] != 0 and R[n] - R[k] != 0
+        # "(replacing d_k, when non-zero)": only a real replacement of a non-zero d_k by another, non-zero R_n - R_k.
+        is_tp = is_tp and d[k] != 0 and R[n] - R[k] != 0 and R[n] - R[k] != d[k]
         turning.append(is_tp)
         r.append(R[n] - R[k] if is_tp else d[k])
     return r, turning
@@ -136,9 +136,14 @@ HAND_VARIANTS = [
     # [0,-1,1,0,2,3]: d = [-1,2,-1,2,1], G = 3, s = [-1,1,-1,1,1]. Constrained k = 1 (R_5 - R_2 = 2 > 0)
     # and k = 3 (R_5 - R_4 = 1 > 0): r_1 = 3 - (-1) = 4, r_3 = 3 - 0 = 3. Two turning points in one row.
     ([0, -1, 1, 0, 2, 3], True, True, [-1, 4, -1, 3, 1], [False, True, False, True, False]),
-    # n = 1: [0,1]: constrained k = 0 needs sign(R_1 - R_1) = 0 -> no; unconstrained s_0 > 0 -> r_0 = 1 (= d_0).
+    # n = 1: [0,1]: constrained k = 0 needs sign(R_1 - R_1) = 0 -> no; unconstrained s_0 > 0, but R_1 - R_0 = d_0:
+    # nothing replaced, so not counted as a turning point (it would take a balancing slot for nothing).
     ([0, 1], True, True, [1], [False]),
-    ([0, 1], False, True, [1], [True]),
+    ([0, 1], False, True, [1], [False]),
+    # [0,1,1]: unconstrained s_0 > 0 and R_2 - R_0 = 1 = d_0 (R_2 = R_1): not a turning point either.
+    ([0, 1, 1], False, True, [1, 0], [False, False]),
+    # [0,2,1,3,3]: d = [2,-1,2,0], s = [1,-1,1,0]; unconstrained k = 2 flips, but R_4 = R_3: r_2 = d_2 = 2, unflagged.
+    ([0, 2, 1, 3, 3], False, False, [2, -1, 2, 0], [False, False, False, False]),
 ]
 
 
@@ -517,6 +522,9 @@ def test_turning_point_credit_balance_modes():
     # batch with scope_ids (e.g. process rank per gathered row): same split as the groups here.
     out = assign_credit(R, R[:, -1], gid, balance="batch", scope_ids=torch.tensor([0, 0, 1]), **kw)
     assert torch.equal(out.turning, none.turning)
+    # global spans every row whatever its process: A still reverts.
+    out = assign_credit(R, R[:, -1], gid, balance="global", scope_ids=torch.tensor([0, 0, 1]), **kw)
+    assert out.step_rewards_used.tolist() == [[1, 1, 1], [-7, -3, -2], [-3, 7, 3]]
     # group refined by scope_ids: group id 0 on two "processes" -> scopes {A}, {NB, C}: {A} has one sign,
     # {NB, C} one of each -> nothing reverts. Unrefined, group 0 = {A, NB, C} -> A reverts.
     same = torch.tensor([0, 0, 0])

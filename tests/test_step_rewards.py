@@ -130,6 +130,20 @@ def test_cost_accounting_matches_the_formula(sd3, mode, completion_steps, expect
     assert sr.reward_calls == 3 * 6  # n + 1 rewards per trajectory
 
 
+def test_completion_steps_covering_the_rest_is_the_exact_completion_at_its_cost(sd3):
+    # T = 6, SDE on steps 0, 1: R_0, R_1 complete states 0 and 1, R_2 is the rollout's own (ODE-finished) image.
+    prompts = ["a red circle"] * 2
+    traj = rollout(sd3, prompts, num_steps=6, guidance_scale=4.5, noise_level=0.7, sde_steps=[0, 1])
+    final = _reward(traj.images, prompts)
+    exact = step_rewards(sd3, traj, _reward, final)
+    assert (exact.model_evals, exact.reward_calls) == (2 * (6 + 5), 2 * 3)
+    enough = step_rewards(sd3, traj, _reward, final, completion_steps=100)  # >= every state's remaining steps
+    assert (enough.model_evals, enough.reward_calls) == (exact.model_evals, exact.reward_calls)
+    torch.testing.assert_close(enough.values, exact.values, rtol=0, atol=0)
+    coarse = step_rewards(sd3, traj, _reward, final, completion_steps=2)  # an estimate: R_2 completed the same way
+    assert (coarse.model_evals, coarse.reward_calls) == (2 * (2 + 2 + 2), 2 * 4)
+
+
 def test_completion_sigmas_keep_endpoints():
     sig = torch.linspace(1, 0, 11)
     sub = completion_sigmas(sig, 2, 3)

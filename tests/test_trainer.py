@@ -325,19 +325,18 @@ def test_two_processes_train_resume_and_evaluate_as_one_run(tmp_path):
 
 def _check_credit_spans_both_processes(c0: dict, c1: dict) -> None:
     """Each process's advantages are its rows of the credit computed on both processes' rows together (groups
-    kept apart, each row's process as its balancing scope); with a batch std that differs from one process alone."""
+    kept apart; "global" balancing over all of them); with a batch std that differs from one process alone."""
     from flowalign.credit import assign_credit
 
     settings = {"batch_std": {}, "tp_global": dict(credit="turning_point", balance="global")}
     for name, over in settings.items():
         a, b = c0[name], c1[name]
         p = int(a["group_ids"].max()) + 1
-        both = assign_credit(
+        both = assign_credit(  # the union of both processes' rows as one batch: no scope_ids
             None if a["values"] is None else torch.cat([a["values"], b["values"]]),
             torch.cat([a["totals"], b["totals"]]),
             torch.cat([a["group_ids"], b["group_ids"] + p]),
             n=a["advantages"].shape[1],
-            scope_ids=torch.cat([torch.zeros_like(a["group_ids"]), torch.ones_like(b["group_ids"])]),
             std_scope="batch",
             **over,
         )
@@ -489,6 +488,20 @@ def test_nearly_collapsed_steps_are_not_trained_and_no_exploring_step_is_an_erro
         _trainer(tmp_path, sampler="cps", noise_level=0.0)
     with pytest.raises(ValueError, match="in some sde_window"):
         _trainer(tmp_path, sampler="cps", sde_window=1, sde_window_max_start=2)
+
+
+def test_sliding_window_moves_every_n_steps_and_trains_only_its_steps(tmp_path):
+    # MixGRPO: window of 1 on the 4-step schedule (starts 0..2), one step later every 2 training steps, then stays.
+    over = dict(sde_window=1, sde_window_max_start=2, sde_window_shift_every=2, min_noise_std=0.0)
+    trainer = _trainer(tmp_path, **over)
+    assert [trainer._sde_steps(s) for s in range(7)] == [[0], [0], [1], [1], [2], [2], [2]]
+    assert trainer.sample(3).sde_mask.tolist() == [False, True, False, False]
+    strided = _trainer(tmp_path, **{**over, "sde_window_stride": 2})
+    assert [strided._sde_steps(s) for s in range(5)] == [[0], [0], [2], [2], [2]]
+    with pytest.raises(ValueError, match="set sde_window > 0"):
+        _trainer(tmp_path, sde_window_shift_every=2)
+    with pytest.raises(ValueError, match="sde_window_stride >= 1"):
+        _trainer(tmp_path, sde_window=1, sde_window_shift_every=2, sde_window_stride=0)
 
 
 def test_group_shared_noise_gives_each_group_one_initial_noise(tmp_path):

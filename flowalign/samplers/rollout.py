@@ -28,7 +28,16 @@ from torch import Tensor
 from flowalign.samplers.sde import STEPS, ode_step
 from flowalign.types import Conditioning, FlowAdapter, StepOutput, Trajectory
 
-__all__ = ["noise_stds", "replay_step", "rollout", "sample_step", "sde_mask", "sde_window", "window_starts"]
+__all__ = [
+    "noise_stds",
+    "replay_step",
+    "rollout",
+    "sample_step",
+    "sde_mask",
+    "sde_window",
+    "sliding_window_start",
+    "window_starts",
+]
 
 Generator = torch.Generator | list[torch.Generator]
 UNTRAINED = ("ode", "renoise")  # how `rollout` runs the steps it does not record log-probs for
@@ -63,6 +72,12 @@ def window_starts(num_steps: int, size: int, max_start: int | None = None) -> ra
     if not 0 <= max_start <= limit:
         raise ValueError(f"max_start must be in 0..{limit} for num_steps={num_steps}, size={size}, got {max_start}")
     return range(max_start + 1)
+
+
+def sliding_window_start(step: int, shift_every: int, stride: int, starts: range) -> int:
+    """MixGRPO's sliding window (arXiv 2507.21802, Sec. 4.2): the window starts at the first allowed step and moves
+    `stride` steps later every `shift_every` training steps, then stays at the last allowed start."""
+    return min(starts.start + step // shift_every * stride, starts[-1])
 
 
 def sde_window(

@@ -95,10 +95,13 @@ def step_rewards(
     # R_n is a completion too when the rollout's own image is not how the others were measured: re-noised steps
     # after the last SDE step, or an estimate ("x0", fewer completion steps) standing in for the remaining ODE steps
     # (see the module doc). With one step left, every completion is that step.
-    estimate = mode != "ode" or completion_steps is not None
-    complete_last = (traj.untrained != "ode" or estimate) and sde[-1] + 1 < traj.num_steps - 1
+    last = sde[-1] + 1  # the state the final image is completed from
+    estimate = (
+        mode != "ode" or completion_sigmas(traj.sigmas, last, completion_steps).numel() < traj.sigmas.numel() - last
+    )
+    complete_last = (traj.untrained != "ode" or estimate) and last < traj.num_steps - 1
     # State index reached before the first SDE step, then after each SDE step but the last (and the last).
-    starts = [sde[0]] + [k + 1 for k in sde[:-1]] + ([sde[-1] + 1] if complete_last else [])
+    starts = [sde[0]] + [k + 1 for k in sde[:-1]] + ([last] if complete_last else [])
     values = [None] * len(starts)
     evals = 0
     for i, j in enumerate(starts):
