@@ -128,3 +128,62 @@ def test_door_step_contract():
     last.set_timesteps(4)
     with pytest.raises(ValueError, match="contains the last step 3"):
         last.step(torch.randn(2, 4, 8, 8), last.timesteps[0], x)
+
+
+def _stochastic_sampling(pipe):
+    """The pipeline with its scheduler re-noising every step (diffusers' `stochastic_sampling`, the shapes model's)."""
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    return pipe
+
+
+def test_zero_noise_follows_a_stochastic_sampling_scheduler_as_stock_does(tiny_sd3):
+    pipe = _stochastic_sampling(tiny_sd3)
+    adapter = adapter_for(pipe, max_sequence_length=MSL)
+    call = dict(num_inference_steps=5, guidance_scale=4.5, max_sequence_length=MSL, output_type="latent")
+    # Stock SD3 does not pass its generator to the scheduler: the re-noising draws come from torch's global RNG.
+    torch.manual_seed(5)
+    stock = pipe(PROMPTS, generator=_gen(2), **call).images
+    pipe.scheduler = FlowGRPOScheduler.from_scheduler(pipe.scheduler, noise_level=0.0)
+    torch.manual_seed(5)
+    door = pipe(PROMPTS, generator=_gen(2), **call).images
+    torch.testing.assert_close(door, stock, rtol=0, atol=1e-5)
+    assert pipe.scheduler.trajectory().log_probs.eq(0).all()
+    # rollout at noise 0 re-noises too, from its generator; the door given that generator draws the same noise
+    traj = rollout(adapter, PROMPTS, num_steps=5, guidance_scale=4.5, noise_level=0.0, generator=_gen(3))
+    assert traj.untrained == "renoise" and traj.log_probs.eq(0).all()
+    door, _ = _door_call(pipe, adapter, 5, 4.5, 3, noise_level=0.0)
+    torch.testing.assert_close(traj.latents[:, -1], door, rtol=0, atol=1e-5)
+    euler = rollout(
+        adapter, PROMPTS, num_steps=5, guidance_scale=4.5, noise_level=0.0, generator=_gen(3), untrained="ode"
+    )
+    assert (euler.latents[:, -1] - door).abs().max() > 0.1
+
+
+def test_zero_noise_without_a_generator_leaves_the_global_rng_alone(tiny_sd3):
+    adapter = adapter_for(tiny_sd3, max_sequence_length=MSL)
+    latents = adapter.init_noise(2, _gen(0))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    rollout(adapter, PROMPTS, num_steps=4, guidance_scale=4.5, noise_level=0.0, latents=latents, decode=False)
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+
+
+def test_schedulers_flowalign_cannot_reproduce_are_refused(tiny_sd3):
+    from diffusers import FlowMatchHeunDiscreteScheduler
+
+    euler = tiny_sd3.scheduler
+    tiny_sd3.scheduler = FlowMatchHeunDiscreteScheduler.from_config(euler.config)
+    with pytest.raises(ValueError, match="FlowMatchHeunDiscreteScheduler: put one back"):
+        adapter_for(tiny_sd3, max_sequence_length=MSL)
+    with pytest.raises(ValueError, match="FlowMatchHeunDiscreteScheduler"):
+        FlowGRPOScheduler.from_scheduler(tiny_sd3.scheduler)
+    with pytest.raises(ValueError, match="invert_sigmas"):
+        FlowGRPOScheduler.from_scheduler(FlowMatchEulerDiscreteScheduler(invert_sigmas=True))
+    tiny_sd3.scheduler = euler
+    adapter = adapter_for(tiny_sd3, max_sequence_length=MSL)
+    wrong = torch.randn(2, adapter.latent_shape[0], 6, 8)  # latents for another image size
+    with pytest.raises(ValueError, match="build the adapter with the size"):
+        rollout(adapter, PROMPTS, num_steps=4, guidance_scale=4.5, noise_level=0.7, latents=wrong)
+    with pytest.raises(ValueError, match="nothing recorded"):
+        FlowGRPOScheduler.from_config(euler.config).trajectory()

@@ -144,6 +144,20 @@ def test_completion_steps_covering_the_rest_is_the_exact_completion_at_its_cost(
     assert (coarse.model_evals, coarse.reward_calls) == (2 * (2 + 2 + 2), 2 * 4)
 
 
+def test_renoised_gaps_between_trained_steps_are_refused(sd3):
+    traj = rollout(
+        sd3,
+        ["a red circle"] * 2,
+        num_steps=6,
+        guidance_scale=4.5,
+        noise_level=0.7,
+        sde_steps=[0, 3],
+        untrained="renoise",
+    )
+    with pytest.raises(ValueError, match="contiguous stochastic steps, got \\[0, 3\\]"):
+        step_rewards(sd3, traj, _reward, _reward(traj.images, traj.prompts))
+
+
 def test_completion_sigmas_keep_endpoints():
     sig = torch.linspace(1, 0, 11)
     sub = completion_sigmas(sig, 2, 3)

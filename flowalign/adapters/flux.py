@@ -30,8 +30,10 @@ class FluxAdapter(PipelineAdapter):
         max_sequence_length: T5 tokens for every `encode` (the pipeline's default is 512).
         height, width: image size in pixels; default the pipeline's own default (`default_sample_size * vae factor`).
         true_cfg_scale: > 1 turns on the pipeline's "true CFG" (a second transformer pass on the negative prompt,
-            `v = v_neg + s (v - v_neg)`); then `encode` also encodes the negative prompt. 1 (default) is FLUX.1-dev's
-            usual single pass with the distilled guidance embedding.
+            `v = v_neg + s (v - v_neg)`); then `encode` also encodes the negative prompt ("" unless one is given).
+            The stock `FluxPipeline` applies true CFG only when a `negative_prompt` is passed: compare with
+            `pipe(..., true_cfg_scale=s, negative_prompt="")`. 1 (default) is FLUX.1-dev's usual single pass with
+            the distilled guidance embedding.
     """
 
     family = "flux"

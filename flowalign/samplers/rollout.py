@@ -161,6 +161,9 @@ def sample_step(
 
     if prev_sample is not None:
         out = run(prev_sample=prev_sample)
+    elif noise_level == 0 and generator is None:  # no stream to keep aligned: leave torch's global RNG alone
+        out = ode_step(velocity, x, sigma, sigma_next)
+        return out if out_dtype is None else replace(out, prev_sample=out.prev_sample.to(out_dtype))
     elif generator is None or (isinstance(generator, torch.Generator) and generator.device == x.device):
         out = run(generator=generator)
     else:
@@ -171,7 +174,7 @@ def sample_step(
         out = run(prev_sample=probe.mean + probe.std * eps)
     if noise_level == 0 and prev_sample is None:
         # std 0: the Euler step, in the stock scheduler's arithmetic (the noise drawn above, scaled by 0, keeps the
-        # generator's stream where any other noise level leaves it)
+        # generator's stream where any other noise level leaves it; without a generator nothing was drawn)
         out = ode_step(velocity, x, sigma, sigma_next)
         return out if out_dtype is None else replace(out, prev_sample=out.prev_sample.to(out_dtype))
     if out_dtype is not None and out_dtype != torch.float32:
@@ -198,7 +201,7 @@ def rollout(
     decode: bool = True,
     columns: dict[str, list] | None = None,
     negative_prompt: str = "",
-    untrained: str = "ode",
+    untrained: str | None = None,
 ) -> Trajectory:
     """Samples B = len(prompts) trajectories and records everything needed to replay their log-probs.
 
@@ -207,14 +210,16 @@ def rollout(
         prompts: B prompts (repeat a prompt G times for a group, or pass `cond` already repeated).
         num_steps: T; training may use fewer steps than evaluation, nothing here assumes a value.
         guidance_scale: CFG scale (SD3) / guidance embedding (FLUX); replay uses the recorded value.
-        noise_level: the sampler's `a` (SD3 ~0.7, FLUX ~0.9); 0 makes every step deterministic (log-prob 0),
-            which reproduces the stock pipeline.
+        noise_level: the sampler's `a` (SD3 ~0.7, FLUX ~0.9); 0 makes the sampler's steps deterministic (log-prob
+            0): with the default `untrained` that reproduces the stock pipeline (bit for bit for an Euler scheduler;
+            for one with `stochastic_sampling`, the same re-noising steps with noise from `generator`).
         sampler: "sde" (Flow-GRPO) or "cps" (coefficient-preserving) for the stochastic steps.
         sde_steps: indices of stochastic steps (default all but the last; see `sde_window` for Flow-GRPO-Fast);
             their log-probs are recorded and they are the steps training replays.
-        untrained: how the other steps run: "ode" (Euler) or "renoise" (every one but the last re-noises the
-            predicted clean image to the next level, the cps step at a=1 = diffusers' `stochastic_sampling`). Their
-            log-prob is recorded as 0: they are not trained, only sampled the way the model is evaluated.
+        untrained: how the other steps (and, at noise_level 0, every step) run: "ode" (Euler) or "renoise" (every
+            one but the last re-noises the predicted clean image to the next level, the cps step at a=1 = diffusers'
+            `stochastic_sampling`); None = as the pipeline's scheduler runs them. Their log-prob is recorded as 0:
+            they are not trained, only sampled the way the model is evaluated.
         generator: consumed for the initial noise (when `latents` is None), then once per stochastic or re-noised
             step.
         latents: [B, ...] initial noise instead of drawing it.
@@ -233,6 +238,8 @@ def rollout(
     if noise_level < 0:
         raise ValueError(f"noise_level must be >= 0, got {noise_level}")
     STEPS.get(sampler)  # unknown names fail here, listing the valid ones
+    if untrained is None:
+        untrained = getattr(adapter, "untrained_default", "ode")
     if untrained not in UNTRAINED:
         raise ValueError(f"untrained must be one of {', '.join(UNTRAINED)}, got {untrained!r}")
     mask = sde_mask(num_steps, sde_steps)
@@ -249,6 +256,12 @@ def rollout(
         latents = adapter.init_noise(batch, generator)
     if latents.shape[0] != batch:
         raise ValueError(f"latents have batch {latents.shape[0]} for {batch} prompts")
+    expected = tuple(getattr(adapter, "latent_shape", latents.shape[1:]))
+    if tuple(latents.shape[1:]) != expected:  # another size would also need another schedule (dynamic shifting)
+        raise ValueError(
+            f"latents of shape {tuple(latents.shape[1:])} per sample, but the adapter samples {expected} (its"
+            " height and width): build the adapter with the size these latents are for"
+        )
     sigmas = adapter.sigmas(num_steps)
 
     x = latents.to(getattr(adapter, "dtype", latents.dtype))
@@ -257,7 +270,8 @@ def rollout(
     for k in range(num_steps):
         v = adapter.velocity(x, sigmas[k], cond, guidance_scale)
         trained = bool(mask[k])
-        renoise = not trained and untrained == "renoise" and k < num_steps - 1
+        explores = trained and noise_level > 0
+        renoise = not explores and untrained == "renoise" and k < num_steps - 1
         out = sample_step(
             "cps" if renoise else sampler,
             v,
@@ -272,7 +286,7 @@ def rollout(
         )
         x = out.prev_sample
         states.append(x)
-        if trained:
+        if explores:
             log_probs[:, k] = out.log_prob
     images = adapter.decode(x) if decode else None
     return Trajectory(

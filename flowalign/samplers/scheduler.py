@@ -23,6 +23,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from torch import Tensor
 
+from flowalign.adapters.base import check_scheduler
 from flowalign.samplers.rollout import sample_step, sde_mask
 from flowalign.samplers.sde import STEPS
 from flowalign.types import Conditioning, Trajectory
@@ -73,9 +74,12 @@ class SampledSteps:
 class FlowGRPOScheduler(FlowMatchEulerDiscreteScheduler):
     """`FlowMatchEulerDiscreteScheduler` whose `step` is flowalign's stochastic step with a recorded log-prob.
 
-    Schedules (`set_timesteps`, shifting, `mu`) are inherited unchanged. Extra attributes, not part of the saved
-    config: `noise_level`, `sampler` ("sde" | "cps"), `sde_steps` (indices of stochastic steps; None = all but the
-    last), `generator` (noise for the stochastic steps; a `generator=` passed to `step` wins).
+    Schedules (`set_timesteps`, shifting, `mu`) are inherited unchanged, and so is `stochastic_sampling`: with it,
+    the steps that do not explore re-noise as the stock step does. Extra attributes, not part of the saved config:
+    `noise_level`, `sampler` ("sde" | "cps"), `sde_steps` (indices of stochastic steps; None = all but the last),
+    `generator` (noise for the stochastic steps; a `generator=` passed to `step` wins). Put the stock scheduler
+    back before `pipe.save_pretrained` (`FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)`): a
+    saved pipeline names its scheduler's class, and diffusers loads only its own.
     """
 
     noise_level: float = 0.7
@@ -93,7 +97,8 @@ class FlowGRPOScheduler(FlowMatchEulerDiscreteScheduler):
         sde_steps: Sequence[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> FlowGRPOScheduler:
-        """A FlowGRPOScheduler with `scheduler`'s config (shift, dynamic shifting, ...)."""
+        """A FlowGRPOScheduler with `scheduler`'s config (shift, dynamic shifting, `stochastic_sampling`, ...)."""
+        check_scheduler(scheduler)
         STEPS.get(sampler)
         if noise_level < 0:
             raise ValueError(f"noise_level must be >= 0, got {noise_level}")
@@ -157,21 +162,25 @@ class FlowGRPOScheduler(FlowMatchEulerDiscreteScheduler):
             self._latents.append(sample.detach())
         stochastic = self._is_stochastic(k)
         sigmas = self.sigmas.float()
+        # The other steps run as the stock scheduler would: Euler, or re-noising where `stochastic_sampling` is set
+        # (the cps step at a = 1; as in `rollout`, a step at noise level 0 is one of them).
+        explores = stochastic and self.noise_level > 0
+        renoise = not explores and self.config.get("stochastic_sampling", False) and k < len(sigmas) - 2
         out = sample_step(
-            self.sampler,
+            "cps" if renoise else self.sampler,
             model_output,
             sample,
             sigmas[k],
             sigmas[k + 1],
-            noise_level=self.noise_level,
+            noise_level=1.0 if renoise else self.noise_level,
             sigma_max=sigmas[1],
-            stochastic=stochastic,
+            stochastic=stochastic or renoise,
             generator=generator if generator is not None else self.generator,
             out_dtype=model_output.dtype,
         )
         prev_sample = out.prev_sample
         self._latents.append(prev_sample.detach())
-        self._log_probs.append(out.log_prob.detach().float())
+        self._log_probs.append(out.log_prob.detach().float() if explores else torch.zeros_like(out.log_prob).float())
         self._mask.append(stochastic)
         self._step_index += 1
         if not return_dict:
@@ -180,7 +189,7 @@ class FlowGRPOScheduler(FlowMatchEulerDiscreteScheduler):
 
     def trajectory(self) -> SampledSteps:
         """The record of the latest `pipe(...)` call (steps taken so far if called mid-way)."""
-        if not self._log_probs:
+        if not getattr(self, "_log_probs", None):  # also a scheduler made by from_config / from_pretrained
             raise ValueError("nothing recorded yet: run the pipeline with this scheduler first")
         dtype = self._latents[-1].dtype
         n = len(self._log_probs)

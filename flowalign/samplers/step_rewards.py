@@ -92,6 +92,9 @@ def step_rewards(
     sde = torch.nonzero(traj.sde_mask).flatten().tolist()
     if not sde:
         raise ValueError("step rewards need at least one stochastic step in the trajectory")
+    if traj.untrained != "ode" and sde != list(range(sde[0], sde[-1] + 1)):
+        # R_{k+1} - R_k would also hold the re-noising between two trained steps, which no log-prob explains
+        raise ValueError(f"step rewards with re-noised untrained steps need contiguous stochastic steps, got {sde}")
     # R_n is a completion too when the rollout's own image is not how the others were measured: re-noised steps
     # after the last SDE step, or an estimate ("x0", fewer completion steps) standing in for the remaining ODE steps
     # (see the module doc). With one step left, every completion is that step.
