@@ -69,7 +69,8 @@ def build_adapter(cfg: TrainConfig, device: torch.device | str | None = None):
     if device is not None:
         pipe.to(device)
     msl = cfg.max_sequence_length or rec.get("max_sequence_length")
-    return adapter_for(pipe, **({"max_sequence_length": msl} if msl else {}))
+    size = {"height": cfg.height, "width": cfg.width}
+    return adapter_for(pipe, **({"max_sequence_length": msl} if msl else {}), **{k: v for k, v in size.items() if v})
 
 
 def build_reward(spec: Any, *, normalize: str = "sum", log_tame: bool = False):

@@ -47,6 +47,10 @@ class TrainConfig:
     # training sample (what fits FLUX on one GPU) for roughly one more forward pass per update; same gradients.
     gradient_checkpointing: bool = False
     max_sequence_length: int | None = None  # text tokens; None = the model's recommended value
+    # Image size in pixels for training, evaluation and grids; None = the model's default (1024 for SD3.5 and FLUX,
+    # where Flow-GRPO trains at 512: a quarter of the image tokens; FLUX's shift follows the size).
+    height: int | None = None
+    width: int | None = None
     # --- sampling ----------------------------------------------------------------------------------
     num_steps: int = 10  # denoising steps while training (Flow-GRPO trains with fewer than it evaluates)
     eval_num_steps: int = 20  # denoising steps for evaluation and grids
@@ -56,7 +60,9 @@ class TrainConfig:
     guidance_scale: float = 4.5  # CFG used to sample AND to recompute log-probs (must match)
     eval_guidance_scale: float | None = None  # None = guidance_scale
     noise_level: float = 0.7  # SDE noise scale a (SD3 0.7, FLUX 0.9)
-    sampler: str = "sde"  # sde | cps
+    # sde | cps (exact Gaussian log-probs) | cps_flow_grpo (cps with Flow-GRPO's constant-free log-prob, whose
+    # log-ratios are the exact ones times 2 sigma_n^2: the scale the reference code's cps clip range 1e-5 is for)
+    sampler: str = "sde"
     sde_window: int = 0  # >0: SDE (and training) only on a random window of this many early steps
     sde_window_max_start: int | None = None  # last allowed window start; None = within the first half
     # 0: a random window each step (Flow-GRPO-Fast). N > 0: MixGRPO's sliding window, starting at step 0 and moving
@@ -106,6 +112,10 @@ class TrainConfig:
     inner_epochs: int = 1  # passes over each step's samples
     clip_range: float = 1e-4  # PPO clip epsilon on the ratio (tiny: log-probs are per-element means)
     kl_beta: float = 0.0  # weight of the KL to the reference (LoRA disabled / frozen copy)
+    # flow_grpo: the reference code's KL, which divides by the sde noise scale a sqrt(sigma/(1-sigma)) without the
+    # step's sqrt(-dt), i.e. the Gaussian KL times (sigma - sigma'), 4-25x smaller on SD3.5's 10 steps: the scale
+    # the published kl_beta values (0.01-0.04) are for. exact: the Gaussian KL of each step (cps: the two agree).
+    kl_form: str = "flow_grpo"
     ema_decay: float = 0.0  # >0: keep an EMA of the trainable weights, used for evaluation
     # --- run ---------------------------------------------------------------------------------------
     max_steps: int = 100
@@ -152,6 +162,11 @@ class TrainConfig:
                 f"train_batch_size ({self.train_batch_size}) must divide "
                 f"prompts_per_step*group_size ({self.batch_size})"
             )
+        for name in ("height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(
+                    f"{name} must be a positive number of pixels (or null for the model's), got {getattr(self, name)}"
+                )
         if self.eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.min_noise_std < 0:
@@ -173,7 +188,8 @@ class TrainConfig:
                 " (what SD3 and FLUX are trained in)"
             )
         for name, allowed in {
-            "sampler": ("sde", "cps"),
+            "sampler": ("sde", "cps", "cps_flow_grpo"),
+            "kl_form": ("flow_grpo", "exact"),
             "eval_sampler": ("ode", "renoise"),
             "untrained_sampler": ("ode", "renoise"),
             "credit": ("outcome", "incremental", "turning_point"),

@@ -39,6 +39,7 @@ from flowalign.samplers.rollout import (
     sliding_window_start,
     window_starts,
 )
+from flowalign.samplers.sde import flow_grpo_kl_std
 from flowalign.samplers.step_rewards import step_rewards
 from flowalign.types import FlowAdapter, Trajectory
 
@@ -485,7 +486,9 @@ class GRPOTrainer:
                             kl_beta=cfg.kl_beta,
                             mean=new.mean,
                             ref_mean=ref_mean,
-                            std=new.std,
+                            std=new.std
+                            if cfg.kl_form == "exact"
+                            else flow_grpo_kl_std(cfg.sampler, new.std, sub.sigmas[k], sub.sigmas[k + 1]),
                         )
                         self.accelerator.backward(out.loss / share)
                         for key in stats:

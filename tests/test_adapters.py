@@ -338,6 +338,22 @@ def test_load_pipeline_from_local_directory(tmp_path, tiny_sd3):
     assert torch.equal(ta.latents, tb.latents)
 
 
+def test_config_image_size_reaches_the_adapter(tmp_path, tiny_sd3):
+    from flowalign.api import build_adapter
+    from flowalign.config import load_config
+
+    tiny_sd3.save_pretrained(tmp_path)
+    cfg = load_config(None, {"model": str(tmp_path), "max_sequence_length": MSL, "height": 48, "width": 64})
+    adapter = build_adapter(cfg)
+    assert (adapter.height, adapter.width) == (48, 64)
+    traj = rollout(adapter, PROMPTS, num_steps=2, guidance_scale=4.5, noise_level=0.7, generator=_gen(0))
+    assert traj.images.shape == (2, 3, 48, 64)
+    default = build_adapter(load_config(None, {"model": str(tmp_path), "max_sequence_length": MSL}))
+    assert (default.height, default.width) == (32, 32)  # the pipeline's own default size
+    with pytest.raises(ValueError, match="height must be a positive"):
+        load_config(None, {"height": 0})
+
+
 def test_flux_pipeline_class_dispatch(tiny_flux):
     assert isinstance(tiny_flux, FluxPipeline)
     with pytest.raises(ValueError, match="needs a StableDiffusion3Pipeline"):

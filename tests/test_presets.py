@@ -25,3 +25,16 @@ def test_preset_is_valid_and_names_missing_weights(name):
         build_reward(cfg.reward, normalize=cfg.reward_normalize, log_tame=cfg.reward_log_tame)
     msg = str(err.value)
     assert "hf download" in msg and "/" in msg.split("'")[1], msg
+
+
+@pytest.mark.parametrize("name", REAL)
+def test_preset_lora_targets_each_name_a_layer_of_its_family(name):
+    """peft fails only when no target matches: a misspelt one among several would silently train less."""
+    from flowalign.testing import tiny_flux_pipeline, tiny_sd3_pipeline
+
+    cfg = load_config(name)
+    pipe = (tiny_flux_pipeline if "FLUX" in cfg.model else tiny_sd3_pipeline)(seed=0)
+    names = [n for n, _ in pipe.transformer.named_modules()]
+    for target in cfg.lora_targets:
+        assert any(n == target or n.endswith("." + target) for n in names), (name, target)
+    assert (cfg.height, cfg.width, cfg.max_sequence_length, cfg.adv_std) == (512, 512, 128, "batch")

@@ -504,6 +504,36 @@ def test_sliding_window_moves_every_n_steps_and_trains_only_its_steps(tmp_path):
         _trainer(tmp_path, sde_window=1, sde_window_shift_every=2, sde_window_stride=0)
 
 
+@pytest.mark.parametrize("kl_form", ["flow_grpo", "exact"])
+def test_logged_kl_is_the_chosen_form_of_the_policy_to_reference_distance(tmp_path, kl_form):
+    """train/kl of one minibatch (before its update) against an independent computation from replayed means:
+    Flow-GRPO's mean((m - m_ref)^2) / (2 std_dev_t^2) with std_dev_t = a sqrt(sigma / (1 - sigma)), or the exact
+    Gaussian KL, whose std also has the step's sqrt(sigma - sigma')."""
+    from flowalign.samplers.rollout import replay_step
+
+    trainer = _trainer(tmp_path, kl_beta=0.1, kl_form=kl_form, train_batch_size=8)
+    with torch.no_grad():  # move the policy off the reference
+        for p in trainer.params.values():
+            p.add_(0.05 * torch.randn_like(p))
+    traj = trainer.sample(0)
+    credit, _ = trainer.assign_credit(traj, trainer.score(traj.images, traj.prompts))
+    s, a = traj.sigmas, trainer.cfg.noise_level
+    expected = []
+    with torch.no_grad():
+        for k in torch.nonzero(traj.sde_mask).flatten().tolist():
+            mean = replay_step(trainer.adapter, traj, k).mean
+            with trainer.reference_policy():
+                ref = replay_step(trainer.adapter, traj, k).mean
+            sigma = float(s[k])
+            var = a**2 * sigma / (1 - (float(s[1]) if sigma == 1 else sigma))
+            if kl_form == "exact":
+                var *= float(s[k] - s[k + 1])
+            expected.append((((mean - ref) ** 2).flatten(1).mean(1) / (2 * var)).mean())
+    metrics = trainer.train_on(traj, credit, 0)
+    assert metrics["train/kl"] == pytest.approx(float(torch.stack(expected).mean()), rel=1e-4)
+    assert metrics["train/kl"] > 0
+
+
 def test_group_shared_noise_gives_each_group_one_initial_noise(tmp_path):
     shared = _trainer(tmp_path, group_shared_noise=True).sample(0)
     x_t, x_1 = shared.latents[:, 0], shared.latents[:, 1]

@@ -100,6 +100,26 @@ def cps_step(
     return StepOutput(x_next, lp, mean, std)
 
 
+@STEPS.register("cps_flow_grpo")
+def cps_flow_grpo_step(
+    velocity: Tensor, x: Tensor, sigma: Tensor | float, sigma_next: Tensor | float, noise_level: float, **kwargs
+) -> StepOutput:
+    """The cps step with Flow-GRPO's constant-free log-prob `-mean((x'-mean)^2)`: its log-ratios are the exact
+    Gaussian's times 2 sigma_n^2, so the reference code's clip range (1e-5 for cps) keeps its meaning."""
+    return cps_step(velocity, x, sigma, sigma_next, noise_level, exact=False, **kwargs)
+
+
+def flow_grpo_kl_std(sampler: str, std: Tensor, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
+    """The std Flow-GRPO's KL divides by (`std_dev_t` of its step, train_sd3.py): for "sde" the noise scale
+    a sqrt(sigma / (1 - sigma)) without the step's sqrt(-dt), so that KL is the Gaussian one times (sigma - sigma');
+    for the cps steps their own std, so there it is the Gaussian KL."""
+    if sampler != "sde":
+        return std
+    return std / torch.sqrt(
+        torch.as_tensor(sigma, dtype=torch.float32) - torch.as_tensor(sigma_next, dtype=torch.float32)
+    ).to(std.device)
+
+
 def ode_step(velocity: Tensor, x: Tensor, sigma: Tensor | float, sigma_next: Tensor | float) -> StepOutput:
     """Deterministic Euler step, x' = x + (sigma' - sigma) v, in the arithmetic of diffusers'
     `FlowMatchEulerDiscreteScheduler.step`, so that zero noise reproduces the stock pipeline bit for bit in bf16
