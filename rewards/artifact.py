@@ -89,8 +89,37 @@ class ArtifactHead(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-def save_head(head: ArtifactHead, path: str | Path, metadata: dict[str, Any]) -> Path:
-    """Writes the head's tensors and string metadata to a safetensors file (parent dirs created)."""
+def probe_images() -> Tensor:
+    """Two fixed images (seeded noise, a colour gradient) `[2,3,64,64]`: their features, stored with a head, tell
+    at load whether the encoder is the one the head was trained on (same width is not enough: any CLIP ViT-L
+    gives 768-d features, each its own)."""
+    noise = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ramp = torch.linspace(0, 1, 64)
+    gradient = torch.stack([ramp[None].expand(64, 64), ramp[:, None].expand(64, 64), 1 - ramp[None].expand(64, 64)])
+    return torch.stack([noise, gradient])
+
+
+def check_encoder(encoder: FeatureEncoder, probe_features: Tensor, meta: dict[str, str], device: Any = None) -> None:
+    """Refuses an encoder whose features of `probe_images` differ from those stored with the head (cosine < 0.98;
+    another dtype or device of the same weights stays above 0.99)."""
+    with torch.no_grad():
+        got = encoder.image_features(probe_images() if device is None else probe_images().to(device)).float().cpu()
+    if got.shape != probe_features.shape:
+        return  # the feature-width check in the reward names this case
+    cos = float(torch.nn.functional.cosine_similarity(got, probe_features.float(), dim=1).min())
+    if cos < 0.98:
+        raise ValueError(
+            f"the encoder given is not the one this artifact head was trained on ({meta.get('encoder')}: "
+            f"{meta.get('model')}): its features of a fixed probe image differ (cosine {cos:.3f}); pass model= that "
+            "encoder's weights"
+        )
+
+
+def save_head(
+    head: ArtifactHead, path: str | Path, metadata: dict[str, Any], *, probe_features: Tensor | None = None
+) -> Path:
+    """Writes the head's tensors and string metadata to a safetensors file (parent dirs created); with
+    `probe_features`, the encoder's features of `probe_images` (checked when the head is used)."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -103,12 +132,15 @@ def save_head(head: ArtifactHead, path: str | Path, metadata: dict[str, Any]) ->
     }
     meta.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()})
     state = {k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}
+    if probe_features is not None:
+        state["probe_features"] = probe_features.detach().float().cpu().contiguous()
     save_file(state, str(path), metadata=meta)
     return path
 
 
 def load_head(path: str | Path) -> tuple[ArtifactHead, dict[str, str]]:
-    """Reads a head written by `save_head` / `train_artifact_head` (safetensors only): `(head, metadata)`."""
+    """Reads a head written by `save_head` / `train_artifact_head` (safetensors only): `(head, metadata)`; the
+    stored probe features, if any, are `head.probe_features` (else None)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -120,7 +152,9 @@ def load_head(path: str | Path) -> tuple[ArtifactHead, dict[str, str]]:
     if meta.get("format") != HEAD_FORMAT:
         raise ValueError(f"{str(path)!r} is not a flowalign artifact head (format {meta.get('format')!r})")
     head = ArtifactHead(int(meta["feature_dim"]), int(meta["hidden"]))
-    head.load_state_dict(load_file(str(path)))
+    state = load_file(str(path))
+    head.probe_features = state.pop("probe_features", None)
+    head.load_state_dict(state)
     return head.eval(), meta
 
 
@@ -151,12 +185,22 @@ def list_images(directory: str | Path, flag: str) -> list[Path]:
 def read_image(path: Path) -> Tensor:
     """An image file -> `[3,H,W]` float in [0, 1] (RGB); a clear error naming the file when unreadable."""
     import numpy as np
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)  # as viewers show it (phone photos are often stored rotated)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit / integer / float greyscale
+                arr = np.asarray(img, dtype=np.float64)
+                top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                grey = torch.from_numpy(np.clip(arr / (1.0 if img.mode == "F" and arr.max() <= 1 else top), 0, 1))
+                return grey.float()[None].expand(3, -1, -1).clone()
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(white, rgba)  # transparent pixels as on a white page, not black
             arr = np.asarray(img.convert("RGB")).copy()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {str(path)!r}: {e}") from None
     return torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0
 
@@ -189,6 +233,51 @@ def split_indices(n: int, val_fraction: float, generator: torch.Generator) -> tu
     return perm[n_val:], perm[:n_val]
 
 
+def pair_keys(files: Sequence[Path], root: str | Path) -> list[str]:
+    """Each file's path under `root` without its suffix: `clean/0007.png` and `artifact/0007.jpg` are one pair."""
+    root = Path(root).expanduser()
+    return [str(f.relative_to(root).with_suffix("")) for f in files]
+
+
+def split_pairs(
+    clean_keys: Sequence[str], artifact_keys: Sequence[str], val_fraction: float, generator: torch.Generator
+) -> tuple[list[int], list[int], list[int], list[int], list[tuple[int, int]]]:
+    """(train clean, val clean, train artifact, val artifact, held-out pairs) as indices into each class.
+
+    A clean image and the artifact image made from it (same name in both folders, as in ArtifactReward's 202
+    pairs) go to the same side: split apart, the held-out images' near-copies sit in the training set and the
+    held-out figures mean little. Unpaired images split per class."""
+    a_index = {k: i for i, k in enumerate(artifact_keys)}
+    pairs = [(i, a_index[k]) for i, k in enumerate(clean_keys) if k in a_index]
+    paired_c, paired_a = {c for c, _ in pairs}, {a for _, a in pairs}
+    tr_p, va_p = split_indices(len(pairs), val_fraction, generator) if pairs else ([], [])
+    lone_c = [i for i in range(len(clean_keys)) if i not in paired_c]
+    lone_a = [i for i in range(len(artifact_keys)) if i not in paired_a]
+    tr_c, va_c = (
+        split_indices(len(lone_c), val_fraction, generator) if len(lone_c) > 1 else (list(range(len(lone_c))), [])
+    )
+    tr_a, va_a = (
+        split_indices(len(lone_a), val_fraction, generator) if len(lone_a) > 1 else (list(range(len(lone_a))), [])
+    )
+    held = [pairs[i] for i in va_p]
+    return (
+        [pairs[i][0] for i in tr_p] + [lone_c[i] for i in tr_c],
+        [c for c, _ in held] + [lone_c[i] for i in va_c],
+        [pairs[i][1] for i in tr_p] + [lone_a[i] for i in tr_a],
+        [a for _, a in held] + [lone_a[i] for i in va_a],
+        held,
+    )
+
+
+def ranking_accuracy(clean_scores: Tensor, artifact_scores: Tensor) -> float | None:
+    """P(a clean image scores above an artifact image) over every (clean, artifact) combination, ties half: the
+    ROC AUC, and ArtifactReward's pairwise accuracy when given matched pairs one by one."""
+    if clean_scores.numel() == 0 or artifact_scores.numel() == 0:
+        return None
+    diff = clean_scores.reshape(-1, 1) - artifact_scores.reshape(1, -1)
+    return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # training
 # ---------------------------------------------------------------------------------------------------------
@@ -206,6 +295,9 @@ class ArtifactReport:
     val_accuracy: float | None
     val_accuracy_clean: float | None
     val_accuracy_artifact: float | None
+    val_auc: float | None  # P(held-out clean scores above held-out artifact), every combination
+    val_pair_accuracy: float | None  # the same over held-out matched pairs only (None without pairs)
+    n_val_pairs: int
     encoder: str
     model: str
     feature_dim: int
@@ -220,7 +312,9 @@ class ArtifactReport:
             f"  images: {self.n_clean} clean, {self.n_artifact} artifact; "
             f"train {self.n_train}, held-out {self.n_val}\n"
             f"  held-out accuracy {pct(self.val_accuracy)} (clean {pct(self.val_accuracy_clean)}, "
-            f"artifact {pct(self.val_accuracy_artifact)}); train accuracy {pct(self.train_accuracy)}"
+            f"artifact {pct(self.val_accuracy_artifact)}); train accuracy {pct(self.train_accuracy)}\n"
+            f"  held-out ranking: clean above artifact {pct(self.val_auc)} (AUC); over {self.n_val_pairs} matched "
+            f"pairs {pct(self.val_pair_accuracy)}"
         )
 
 
@@ -299,8 +393,18 @@ def train_artifact_head(
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if Path(out_path).expanduser().is_dir():
+        raise ValueError(
+            f"--out {str(out_path)!r} is a directory; name the head file, e.g. DIR/artifact_head.safetensors"
+        )
     clean_files = list_images(clean_dir, "--clean")
     artifact_files = list_images(artifact_dir, "--artifact")
+    c_root, a_root = Path(clean_dir).expanduser().resolve(), Path(artifact_dir).expanduser().resolve()
+    if c_root == a_root or c_root in a_root.parents or a_root in c_root.parents:
+        raise ValueError(
+            f"--clean {str(clean_dir)!r} and --artifact {str(artifact_dir)!r} overlap (one holds the other, and"
+            " images are listed recursively): give two separate folders"
+        )
     for flag, files in (("--clean", clean_files), ("--artifact", artifact_files)):
         if val_fraction > 0 and len(files) < 2:
             raise ValueError(f"{flag} has {len(files)} image; a held-out split needs at least 2 per class")
@@ -308,6 +412,8 @@ def train_artifact_head(
         from rewards.hub import resolve_device
 
         kind, model_id = encoder, model or DEFAULT_MODELS.get(encoder, "")
+        if Path(model_id).expanduser().is_dir():  # a local copy: recorded so the reward finds it from anywhere
+            model_id = str(Path(model_id).expanduser().resolve())
         device = resolve_device(device)
         enc = load_encoder(kind, model_id, device=device, dtype=dtype)
     else:  # an encoder object: images stay on CPU unless `device` is given
@@ -315,13 +421,21 @@ def train_artifact_head(
         kind = str(getattr(encoder, "kind", type(encoder).__name__))
         model_id = str(model or getattr(encoder, "model_id", ""))
 
-    images = [read_image(p) for p in clean_files + artifact_files]
-    feats = encode_images(enc, images, batch_size=batch_size, device=device)
+    files = clean_files + artifact_files
+    # read and encode a batch at a time: only the features of all images are kept, not the images
+    feats = torch.cat(
+        [
+            encode_images(
+                enc, [read_image(p) for p in files[i : i + batch_size]], batch_size=batch_size, device=device
+            )
+            for i in range(0, len(files), batch_size)
+        ]
+    )
     labels = torch.cat([torch.ones(len(clean_files)), torch.zeros(len(artifact_files))])
 
     g = torch.Generator().manual_seed(seed)
-    tr_c, va_c = split_indices(len(clean_files), val_fraction, g)
-    tr_a, va_a = split_indices(len(artifact_files), val_fraction, g)
+    keys_c, keys_a = pair_keys(clean_files, clean_dir), pair_keys(artifact_files, artifact_dir)
+    tr_c, va_c, tr_a, va_a, held_pairs = split_pairs(keys_c, keys_a, val_fraction, g)
     off = len(clean_files)
     train_idx = tr_c + [off + i for i in tr_a]
     val_c, val_a = torch.tensor(va_c, dtype=torch.long), torch.tensor([off + i for i in va_a], dtype=torch.long)
@@ -330,6 +444,11 @@ def train_artifact_head(
     head = fit_head(
         feats[train_idx], labels[train_idx], hidden=hidden, epochs=epochs, lr=lr, weight_decay=weight_decay, seed=seed
     )
+    with torch.no_grad():
+        logits = head(feats)
+    pair_c = torch.tensor([c for c, _ in held_pairs], dtype=torch.long)
+    pair_a = torch.tensor([off + a for _, a in held_pairs], dtype=torch.long)
+    pair_acc = None if not held_pairs else float((logits[pair_c] > logits[pair_a]).float().mean())
     report = ArtifactReport(
         n_clean=len(clean_files),
         n_artifact=len(artifact_files),
@@ -339,13 +458,17 @@ def train_artifact_head(
         val_accuracy=_accuracy(head, feats[val_idx], labels[val_idx]),
         val_accuracy_clean=_accuracy(head, feats[val_c], labels[val_c]),
         val_accuracy_artifact=_accuracy(head, feats[val_a], labels[val_a]),
+        val_auc=ranking_accuracy(logits[val_c], logits[val_a]),
+        val_pair_accuracy=pair_acc,
+        n_val_pairs=len(held_pairs),
         encoder=kind,
         model=model_id,
         feature_dim=int(feats.shape[1]),
         out_path=str(out_path),
     )
     meta = {k: v for k, v in asdict(report).items() if k not in ("out_path", "feature_dim")}
-    save_head(head, out_path, {k: ("" if v is None else v) for k, v in meta.items()})
+    probe = encode_images(enc, list(probe_images()), device=device)
+    save_head(head, out_path, {k: ("" if v is None else v) for k, v in meta.items()}, probe_features=probe)
     logger.info("%s", report.summary())
     return report
 
@@ -371,7 +494,11 @@ def artifact_head(
         head: the `.safetensors` file from `flowalign artifact train`, a directory holding
             `artifact_head.safetensors`, or a hub repo with that file.
         encoder: an encoder object to use instead of the one named in the head's metadata.
-        model: a local copy of the metadata's encoder weights (when the hub id is unreachable).
+        model: a local copy of the metadata's encoder weights (when the hub id is unreachable). An encoder whose
+            features of a fixed probe image differ from the training encoder's is refused.
+
+    CLIP encoders see the central square of a non-square image (their preprocessing's centre crop): an artifact
+    at the long sides goes unseen.
 
     Returns:
         reward `(images [B,3,H,W] in [0,1], prompts) -> [B]` fp32 in (0, 1); differentiable w.r.t. the pixels
@@ -384,6 +511,8 @@ def artifact_head(
     dev = resolve_device(device)
     if encoder is None:
         encoder = load_encoder(meta.get("encoder", ""), model or meta.get("model") or None, device=dev, dtype=dtype)
+    if net.probe_features is not None:
+        check_encoder(encoder, net.probe_features, meta, dev)
     net = net.to(dev).requires_grad_(False)  # a frozen judge: gradients reach the pixels, not its weights
 
     def reward(images: Tensor, prompts: Sequence[str], **columns: Any) -> Tensor:

@@ -17,9 +17,12 @@ ALGORITHMS.md section 4, "Aggregation". With raw head scores `r_k [B]` and weigh
    `z(x) = (x - mean) / (std + eps)` with the population std, over each sample's group when `group_ids`
    is given (the G samples of one prompt), else over the batch.
 3. **Gates** (constraints). A head with a `floor` turns into a constraint on its raw score: samples with
-   `r_k < floor` get `total = penalty` when a penalty is set, else the minimum total of their group
-   (the batch without `group_ids`), so a sample that breaks the constraint is never better than the worst
-   sample. A gate head may have weight 0 (constraint only). Gates apply to the final total.
+   `r_k < floor` get `total = base - (floor - r_k)`, where `base` is the penalty when one is set, else the
+   minimum total of their group (the batch without `group_ids`). So a sample that breaks the constraint is
+   below the worst sample, and violators rank by how far they fall short: a group where every sample breaks
+   it still has a gradient, towards the floor. A gate head may have weight 0 (constraint only). Gates apply
+   to the final total. A fixed penalty must lie below every total the combination can reach (a z-scored total
+   can fall below -1), else a violator can outrank a sample that passes: the group minimum has no such catch.
 
 `CombinedReward` returns `CombinedRewards(total, raw)`: `raw` holds every head's score before taming,
 weighting and gating, for `reward/<head>` logs. Pareto selection (Parrot) is not implemented here.
@@ -159,7 +162,8 @@ def apply_gate(
         total: `[B]` combined reward.
         score: `[B]` the gate head's raw score.
         floor: samples with `score < floor` violate the constraint.
-        penalty: their new total; None = the minimum total of their group (batch without `group_ids`).
+        penalty: the base of their new total, `base - (floor - score)`; None = the minimum total of their group
+            (batch without `group_ids`).
     Returns:
         the gated total `[B]` and the violation mask `[B]` bool.
     """
@@ -172,7 +176,8 @@ def apply_gate(
         group_min = torch.full((n_groups,), float("inf"), device=total.device)
         group_min = group_min.scatter_reduce(0, idx, total, reduce="amin", include_self=True)
         replacement = group_min[idx]
-    return torch.where(violated, replacement, total), violated
+    shortfall = (floor - score.detach().reshape(-1).to(total.device).float()).clamp_min(0)
+    return torch.where(violated, replacement - shortfall, total), violated
 
 
 # ---- the combined reward -----------------------------------------------------------------------------------
@@ -274,7 +279,7 @@ def build_combined(
             {"name": "pickscore", "weight": 1.0},
             {"name": "clip_score", "weight": 0.5, "kwargs": {"model": "ViT-H-14", "pretrained": "laion2b_s32b_b79k"}},
             {"name": "artifact_head", "weight": 0.0, "kwargs": {"head": "HEAD.safetensors"},
-             "gate": {"floor": 0.5, "penalty": -1.0}},
+             "gate": {"floor": 0.5}},
         ], normalize="normalize_then_sum")
 
     Entry keys: `name` (registered reward), `weight` (default 1), `kwargs` (for the factory), `key` (log name;

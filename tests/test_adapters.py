@@ -298,7 +298,7 @@ def test_rollout_input_errors(tiny_sd3):
     common = dict(num_steps=3, guidance_scale=4.5, noise_level=0.7, decode=False)
     with pytest.raises(ValueError, match="column 'id'"):
         rollout(adapter, PROMPTS, columns={"id": [1]}, **common)
-    with pytest.raises(ValueError, match="valid: cps, sde"):
+    with pytest.raises(ValueError, match="valid: cps, cps_flow_grpo, sde"):
         rollout(adapter, PROMPTS, sampler="nope", **common)
     with pytest.raises(ValueError, match="last step"):
         rollout(adapter, PROMPTS, sde_steps=[2], **common)

@@ -270,3 +270,81 @@ def test_main_reports_bad_dirs(tmp_path, capsys):
     code = main(["--clean", str(tmp_path / "nope"), "--artifact", str(tmp_path), "--out", str(tmp_path / "h")])
     assert code == 2
     assert "--clean directory" in capsys.readouterr().err
+
+
+# --- pairs, encoder identity, overlapping folders, image modes ------------------------------------------------
+
+
+def test_matched_pairs_stay_together_and_the_ranking_is_reported(tmp_path):
+    from rewards.artifact import list_images, pair_keys, read_image, split_pairs
+
+    g = torch.Generator().manual_seed(3)
+    clean_imgs = [clean_image(g) for _ in range(20)]
+    bad_imgs = [img.clone() for img in clean_imgs]  # each artifact image made from its clean one, same name
+    for img in bad_imgs:
+        img[:, 8:24, 8:24] = (img[:, 8:24, 8:24] + (torch.rand(3, 16, 16, generator=g) - 0.5) * 0.8).clamp(0, 1)
+    clean, artifact = write_pngs(tmp_path / "clean", clean_imgs), write_pngs(tmp_path / "artifact", bad_imgs)
+    write_pngs(tmp_path / "clean" / "extra", [clean_image(g) for _ in range(4)])  # unpaired clean images
+    encoder, out = RandomConvEncoder(), tmp_path / "head.safetensors"
+    report = train_artifact_head(clean, artifact, out, encoder=encoder, val_fraction=0.25, seed=0, epochs=100)
+
+    c_files, a_files = list_images(clean, "c"), list_images(artifact, "a")
+    tr_c, va_c, tr_a, va_a, held = split_pairs(
+        pair_keys(c_files, clean), pair_keys(a_files, artifact), 0.25, torch.Generator().manual_seed(0)
+    )
+    assert len(held) == report.n_val_pairs == 5 and all(c_files[c].stem == a_files[a].stem for c, a in held)
+    trained_names = {c_files[i].stem for i in tr_c} | {a_files[i].stem for i in tr_a}
+    assert not trained_names & {c_files[c].stem for c, _ in held}, "a held-out pair's partner was trained on"
+    # the reported ranking figures, recomputed from the saved head's scores of the held-out files
+    reward = build_reward("artifact_head", head=str(out), encoder=encoder, device="cpu")
+
+    def scores(files):
+        return reward(torch.stack([read_image(f) for f in files]), [""] * len(files))
+
+    pc, pa = scores([c_files[c] for c, _ in held]), scores([a_files[a] for _, a in held])
+    assert report.val_pair_accuracy == pytest.approx(float((pc > pa).float().mean()))
+    all_c, all_a = scores([c_files[i] for i in va_c]), scores([a_files[i] for i in va_a])
+    wins = sum(float(c > a) + 0.5 * float(c == a) for c in all_c for a in all_a)
+    assert report.val_auc == pytest.approx(wins / (len(all_c) * len(all_a)))
+    assert "matched pairs" in report.summary()
+
+
+def test_an_encoder_other_than_the_trained_one_is_refused(tmp_path):
+    clean, artifact = make_dirs(tmp_path, n=6)
+    out = tmp_path / "head.safetensors"
+    train_artifact_head(clean, artifact, out, encoder=RandomConvEncoder(seed=0), epochs=10)
+    build_reward("artifact_head", head=str(out), encoder=RandomConvEncoder(seed=0), device="cpu")  # the same: fine
+    with pytest.raises(ValueError, match="not the one this artifact head was trained on"):
+        build_reward("artifact_head", head=str(out), encoder=RandomConvEncoder(seed=1), device="cpu")  # same width
+
+
+def test_overlapping_folders_and_a_directory_as_out_are_refused(tmp_path):
+    clean, artifact = make_dirs(tmp_path, n=3)
+    enc, out = RandomConvEncoder(), tmp_path / "h.safetensors"
+    with pytest.raises(ValueError, match="overlap"):
+        train_artifact_head(clean, clean, out, encoder=enc)
+    with pytest.raises(ValueError, match="overlap"):
+        train_artifact_head(tmp_path, artifact, out, encoder=enc)  # clean would list the artifact images too
+    with pytest.raises(ValueError, match="is a directory"):
+        train_artifact_head(clean, artifact, tmp_path, encoder=enc)
+    assert not out.exists()
+
+
+def test_read_image_handles_16_bit_alpha_and_exif_rotation(tmp_path):
+    from rewards.artifact import read_image
+
+    grey = np.full((4, 6), 32768, dtype=np.uint16)
+    Image.fromarray(grey).save(tmp_path / "g16.png")
+    img = read_image(tmp_path / "g16.png")
+    assert img.shape == (3, 4, 6) and torch.allclose(img, torch.full_like(img, 32768 / 65535), atol=1e-4)
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 255
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half fully transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    img = read_image(tmp_path / "a.png")
+    assert img[:, 0, 0].tolist() == [1.0, 0.0, 0.0] and img[:, 3, 0].tolist() == [1.0, 1.0, 1.0]  # white behind
+    wide = Image.new("RGB", (6, 4), (0, 0, 255))
+    exif = wide.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to view
+    wide.save(tmp_path / "r.jpg", exif=exif)
+    assert read_image(tmp_path / "r.jpg").shape == (3, 6, 4)

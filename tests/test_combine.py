@@ -115,21 +115,27 @@ GATE = torch.tensor([0.9, 0.2, 0.8, 0.1])  # floor 0.5: samples 1 and 3 violate
 def test_gate_with_a_fixed_penalty():
     out, violated = apply_gate(TOTAL, GATE, 0.5, penalty=-5.0)
     assert violated.tolist() == [False, True, False, True]
-    assert close(out, [0.5, -5.0, -1.0, -5.0])
+    assert close(out, [0.5, -5.3, -1.0, -5.4])  # the penalty minus how far each falls short of the floor
 
 
 def test_gate_to_the_minimum():
-    # batch minimum of the totals = -1.0 -> violators get -1.0
+    # batch minimum of the totals = -1.0 -> violators get -1.0 minus their shortfall (0.3, 0.4)
     out, _ = apply_gate(TOTAL, GATE, 0.5)
-    assert close(out, [0.5, -1.0, -1.0, -1.0])
+    assert close(out, [0.5, -1.3, -1.0, -1.4])
     # per group: group 0 = (0.5, 2.0) -> min 0.5; group 1 = (-1.0, 3.0) -> min -1.0
     out, _ = apply_gate(TOTAL, GATE, 0.5, group_ids=GROUPS)
-    assert close(out, [0.5, 0.5, -1.0, -1.0])
+    assert close(out, [0.5, 0.2, -1.0, -1.4])
+
+
+def test_gate_keeps_a_gradient_when_a_whole_group_violates():
+    # both below the floor: ranked by the gate score (the one nearer the floor higher), not tied at the minimum
+    out, violated = apply_gate(torch.tensor([1.0, 2.0]), torch.tensor([0.1, 0.3]), 0.5)
+    assert violated.all() and close(out, [0.6, 0.8])
 
 
 def test_gate_floor_is_inclusive():
     out, violated = apply_gate(torch.tensor([1.0, 2.0]), torch.tensor([0.5, 0.4999]), 0.5, penalty=0.0)
-    assert violated.tolist() == [False, True] and close(out, [1.0, 0.0])
+    assert violated.tolist() == [False, True] and close(out, [1.0, -0.0001])
 
 
 # ---- the combined reward -----------------------------------------------------------------------------------
@@ -151,13 +157,13 @@ def test_combined_reward_returns_the_total_and_every_raw_score():
     ]
     out = CombinedReward(heads)(torch.zeros(4, 3, 8, 8), ["p"] * 4, group_ids=GROUPS, reference_images=[1, 2, 3, 4])
     assert isinstance(out, CombinedRewards)
-    # weighted sum (6, 2, 8, 4) (the weight-0 gate head adds nothing), then samples 1 and 3 -> -5
-    assert close(out.total, [6, -5, 8, -5])
+    # weighted sum (6, 2, 8, 4) (the weight-0 gate head adds nothing), then samples 1 and 3 -> -5 - shortfall
+    assert close(out.total, [6, -5.3, 8, -5.4])
     assert set(out.raw) == {"a", "b", "artifact"} and close(out.raw["artifact"], [0.9, 0.2, 0.8, 0.1])
     assert out.gated.tolist() == [False, True, False, True]
     assert torch.equal(seen[0]["group_ids"], GROUPS) and seen[0]["reference_images"] == [1, 2, 3, 4]
     metrics = out.metrics()
-    assert metrics["reward/total"] == pytest.approx(1.0)  # (6 - 5 + 8 - 5) / 4
+    assert metrics["reward/total"] == pytest.approx(0.825)  # (6 - 5.3 + 8 - 5.4) / 4
     assert metrics["reward/a"] == pytest.approx(2.5) and metrics["reward/gated_frac"] == pytest.approx(0.5)
 
 
@@ -210,8 +216,8 @@ def test_build_combined_from_config_dicts():
     assert [h.key for h in combined.heads] == ["const", "other", "artifact"]
     out = combined(torch.zeros(4, 3, 8, 8), ["p"] * 4, group_ids=GROUPS)
     # per-group normalise-then-sum = (-0.5, 0.5, -0.5, 0.5) (test_normalize_then_sum_per_group);
-    # gate to the group minimum: group 0 min -0.5 -> sample 1; group 1 min -0.5 -> sample 3
-    assert close(out.total, [-0.5, -0.5, -0.5, -0.5])
+    # gate to the group minimum less the shortfall: group 0 min -0.5 -> sample 1 -0.8; group 1 -> sample 3 -0.9
+    assert close(out.total, [-0.5, -0.8, -0.5, -0.9])
     assert built[0] == {"values": [1, 2, 3, 4]}
     with pytest.raises(ValueError, match="duplicate head keys"):
         build_combined([{"name": "const"}, {"name": "const"}], registry=registry)

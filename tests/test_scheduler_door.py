@@ -115,7 +115,7 @@ def test_door_step_contract():
     assert isinstance(tup, tuple) and tup[0].dtype == torch.bfloat16  # cast to model_output's dtype, as stock
     with pytest.raises(ValueError, match="integer"):
         door.step(torch.randn(2, 4, 8, 8), 1, x)
-    with pytest.raises(ValueError, match="valid: cps, sde"):
+    with pytest.raises(ValueError, match="valid: cps, cps_flow_grpo, sde"):
         FlowGRPOScheduler.from_scheduler(base, sampler="ddim")
     with pytest.raises(ValueError, match="nothing recorded"):
         FlowGRPOScheduler.from_scheduler(base).trajectory()
