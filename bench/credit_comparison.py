@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", default=",".join(ARMS))
     parser.add_argument("--out", default="runs/credit")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--overwrite", action="store_true", help="replace the runs of an earlier comparison in --out")
     parser.add_argument("--from-runs", action="append", default=[], metavar="ARM=DIR,DIR", help="finished runs")
     args, extra = parser.parse_known_args(argv)
     out = Path(args.out)
@@ -115,11 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [a for a in args.arms.split(",") if a not in ARMS]
         if unknown:  # before any arm trains (each takes hours at the default budget)
             parser.error(f"unknown arm(s) {', '.join(unknown)}; valid: {', '.join(ARMS)}")
+        used = [a for a in args.arms.split(",") if any((out / a).glob("seed*/metrics.jsonl"))]
+        if used and not args.overwrite:
+            parser.error(f"{out} holds runs of arm(s) {', '.join(used)}: pass another --out, or --overwrite")
         report = {"config": args.config, "seeds": args.seeds, "budget_reward_calls": args.reward_calls, "arms": {}}
         for name in args.arms.split(","):
             over = {**parse_overrides(extra), **ARMS[name], "output_dir": str(out / name)}
             bench = run_bench(
-                args.config, over, seeds=args.seeds, budget_reward_calls=args.reward_calls, progress=False
+                args.config,
+                over,
+                seeds=args.seeds,
+                budget_reward_calls=args.reward_calls,
+                progress=False,
+                overwrite=args.overwrite,
             )
             report["arms"][name] = json.loads(bench.read_text())
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,12 @@ def model_card(model: str) -> dict[str, Any]:
     if model in zoo.ZOO:
         return zoo.sampling_settings(model)
     path = Path(model).expanduser() / "flowalign.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} (the model's sampling settings) is not valid JSON: {err}") from None
 
 
 def load_model(model: str, dtype: str = "float32"):
@@ -114,9 +119,16 @@ def build_trainer(cfg: TrainConfig, *, training: bool = True, **kwargs: Any) -> 
         check_trackers(cfg.log_with)
     train_prompts, columns = load_prompt_set(cfg.prompts) if training else ([], {})
     eval_prompts, eval_columns = load_prompt_set(cfg.eval_prompts)
+    heads = [cfg.reward] if isinstance(cfg.reward, str) else [h.get("name") for h in cfg.reward if isinstance(h, dict)]
+    if any(str(h).startswith("shapes_") for h in heads):  # the checker's grammar, before anything loads
+        from flowalign.world import parse_caption
+
+        for caption in dict.fromkeys(train_prompts + eval_prompts):
+            parse_caption(caption)
     accelerator = make_accelerator(cfg, track=training)
-    adapter = build_adapter(cfg, accelerator.device)
+    # the reward before the model: a missing reward model is named before a large pipeline loads
     reward_fn, name = build_reward(cfg.reward, normalize=cfg.reward_normalize, log_tame=cfg.reward_log_tame)
+    adapter = build_adapter(cfg, accelerator.device)
     evaluator = shapes_evaluator if cfg.eval_prompts.startswith("shapes:") else None
     return GRPOTrainer(
         cfg,
@@ -211,11 +223,21 @@ def write_summary_and_grid(trainer: GRPOTrainer) -> RunSummary:
     return summary
 
 
-def train(config: str | None = "shapes", *, resume: str | None = None, progress: bool = True, **overrides: Any):
-    """Runs a training job from a preset/YAML plus overrides; returns its RunSummary."""
+def train(
+    config: str | None = "shapes",
+    *,
+    resume: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **overrides: Any,
+):
+    """Runs a training job from a preset/YAML plus overrides; returns its RunSummary. `resume`: "auto" or a
+    checkpoint; `overwrite`: replace a run already in output_dir (else refused, see `GRPOTrainer.train`)."""
+    if resume is not None and not isinstance(resume, (str, Path)):
+        raise ValueError(f"resume must be 'auto' or a checkpoint path, got {resume!r}")
     cfg = load_config(config, overrides)
     trainer = build_trainer(cfg)
-    trainer.train(resume=resume, progress=progress)
+    trainer.train(resume=resume, progress=progress, overwrite=overwrite)
     return write_summary_and_grid(trainer)
 
 
@@ -269,9 +291,16 @@ def compare(
     RUN --compare` is the same from the command line. Returns the PNG's path (a JSON sidecar with the prompts,
     rows and scores lies beside it).
     """
-    prompt_list, columns = load_prompt_set(prompts) if isinstance(prompts, str) else (list(prompts), {})
+    try:
+        prompt_list, columns = load_prompt_set(prompts) if isinstance(prompts, str) else (list(prompts), {})
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err} (for captions, pass a list: prompts=[{prompts!r}])") from None
+    if isinstance(seeds, int) or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise ValueError(f"seeds must be a list of integers >= 0, e.g. seeds=range(4); got {seeds!r}")
     if not prompt_list or not seeds:
         raise ValueError("compare needs at least one prompt and one seed")
+    if path is None or str(path).strip() == "":
+        raise ValueError("compare needs path=: where to write the PNG")
     trainer = load_run(checkpoint, keep_reference=True, **overrides)
     rows = comparison_rows(trainer, prompt_list, list(seeds))
     if trainer.accelerator.is_main_process:
@@ -282,12 +311,22 @@ def compare(
 def export(checkpoint: str | Path, out: str | Path, *, merged: bool = False, dtype: str | None = None):
     """A trained run as a diffusers LoRA file (`pipe.load_lora_weights(out)`) or, `merged` / a full fine-tune, a
     whole pipeline (`from_pretrained(out)`): its EMA weights where it kept them. Returns `flowalign.export.Export`,
-    whose `usage` is the Python that loads it (also in out/export.json). See `flowalign.export`."""
-    from flowalign.export import export_run
+    whose `usage` is the Python that loads it (also in out/export.json); None on processes other than the main one.
+    See `flowalign.export`."""
+    from flowalign.export import check_out, export_run
 
+    if out is None or str(out).strip() == "":
+        raise ValueError("export needs out=: a new directory for the exported model")
+    check_out(out)
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     # nothing trains: no compiled wrapper around the transformer, no KL copy of a full fine-tune's base
     trainer = load_run(checkpoint, compile=False, kl_beta=0.0)
-    return export_run(trainer, out, merged=merged, dtype=dtype)
+    result = None
+    if trainer.accelerator.is_main_process:  # under several processes one writes, the others wait for it
+        result = export_run(trainer, out, merged=merged, dtype=dtype)
+    trainer.accelerator.wait_for_everyone()
+    return result
 
 
 def checkpoint_dir(path: str | Path) -> Path:

@@ -82,15 +82,34 @@ def run_bench(
     budget_seconds: float | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Path:
-    """Trains `config` (+ overrides) for each seed 0..seeds-1 within the budget and writes the JSON report."""
+    """Trains `config` (+ overrides) for each seed 0..seeds-1 within the budget and writes the JSON report.
+    `overwrite`: replace the runs of an earlier bench in the same directory (else refused before any training)."""
     if seeds < 1:
         raise ValueError(f"bench needs at least one seed, got --seeds {seeds}")
+    for flag, value in (
+        ("--steps", budget_steps),
+        ("--reward-calls", budget_reward_calls),
+        ("--seconds", budget_seconds),
+    ):
+        if value is not None and not value > 0:
+            raise ValueError(f"bench {flag} must be > 0, got {value}")
+    if out is not None and Path(out).is_dir():
+        raise ValueError(
+            f"bench --out {str(out)!r} is a directory; name the JSON file, e.g. {Path(out) / 'bench.json'}"
+        )
     from flowalign.api import build_trainer
 
     overrides = dict(overrides or {})
     base = load_config(config, overrides)
     root = Path(overrides.get("output_dir", base.output_dir + "_bench"))
+    used = [root / f"seed{seed}" for seed in range(seeds) if (root / f"seed{seed}" / "metrics.jsonl").exists()]
+    if used and not overwrite:
+        raise FileExistsError(
+            f"{root} holds an earlier bench's runs ({', '.join(d.name for d in used)}): write this one elsewhere with"
+            " --output-dir DIR, or replace them with --overwrite"
+        )
     runs = []
     for seed in range(seeds):
         over = {**overrides, "seed": seed, "output_dir": str(root / f"seed{seed}"), "grid_prompts": 0}
@@ -110,11 +129,13 @@ def run_bench(
                 or (budget_seconds and spent["seconds"] >= budget_seconds)
             )
 
-        trainer.train(progress=progress, stop=stop)
+        trainer.train(progress=progress, stop=stop, overwrite=overwrite)
         runs.append(cfg.output_dir)
     budget = {"steps": budget_steps, "reward_calls": budget_reward_calls, "seconds": budget_seconds}
     report = report_from_runs(runs, config=config, overrides=overrides, budget=budget)
     path = Path(out) if out else root / "bench.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))
+    if trainer.accelerator.is_main_process:  # every process trained its share; one writes the report
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
+    trainer.accelerator.wait_for_everyone()
     return path

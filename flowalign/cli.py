@@ -12,6 +12,9 @@ from typing import Any
 
 from flowalign.config import bool_field_names, field_names
 
+# `flowalign sample` draws the built-in model unless told otherwise
+DEFAULT_SAMPLE_MODEL = "shapes"
+
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     """`--key value`, `--key=value` (dashes or underscores) -> {key: "value"}; types are coerced by the config.
@@ -39,7 +42,10 @@ def parse_overrides(tokens: list[str]) -> dict[str, Any]:
         if key == "reward" and value.lstrip().startswith(("[", "{")):
             import yaml
 
-            value = yaml.safe_load(value)
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ValueError(f"--reward {value!r} is not valid YAML: {str(err).splitlines()[0]}") from None
         out[key] = value
         i += 1
     return out
@@ -104,6 +110,13 @@ def _table(base: dict[str, float], final: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
+def _main_process() -> bool:
+    """Under `accelerate launch` / `torchrun` only one process prints and writes what every process computed."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from flowalign.api import build_trainer, write_summary_and_grid
     from flowalign.config import load_config
@@ -112,7 +125,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     trainer = build_trainer(cfg)
     if trainer.accelerator.is_main_process:
         print(banner(trainer), flush=True)
-    trainer.train(resume=args.resume, progress=not args.no_progress)
+    trainer.train(resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     summary = write_summary_and_grid(trainer)
     if trainer.accelerator.is_main_process:
         print(
@@ -141,6 +154,13 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
         prompts = list(dict.fromkeys(prompts))
     if args.compare and not args.checkpoint:
         raise ValueError("--compare draws a run's base model beside its aligned weights: give --checkpoint RUN_DIR")
+    if args.n < 1 or args.seed < 0:
+        raise ValueError(f"--n must be >= 1 and --seed >= 0, got --n {args.n} --seed {args.seed}")
+    if args.checkpoint and args.model != DEFAULT_SAMPLE_MODEL:
+        raise ValueError("--model and --checkpoint both name the model: a checkpoint samples its run's own model")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
+        raise ValueError(f"--out {str(out)!r} is not an empty directory: name a new one, or add --overwrite")
     from flowalign.api import build_trainer, comparison_rows, load_run, recommended_sampling, write_grid
 
     overrides = parse_overrides(extra)
@@ -154,7 +174,9 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     cfg = trainer.cfg
     if trainer.accelerator.is_main_process:
         print(f"sampling {cfg.model}: {cfg.eval_num_steps} steps ({cfg.eval_sampler}), CFG {cfg.eval_guidance}")
-    out = Path(args.out)
+    if args.overwrite and out.is_dir():  # what an earlier call wrote would otherwise stand beside this one's
+        for old in [*out.glob("*_seed*.png"), out / "grid.png", out / "grid.json"]:
+            old.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     seeds = list(range(args.seed, args.seed + args.n))
     # Generation is shared out over processes (every one calls it); the main one writes.
@@ -184,7 +206,11 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
     from flowalign.api import evaluate
 
+    if args.out and Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out!r} is a directory; name the JSON file, e.g. {Path(args.out) / 'eval.json'}")
     metrics = evaluate(args.config, checkpoint=args.checkpoint, **parse_overrides(extra))
+    if not _main_process():
+        return 0
     print(f"evaluation of {args.checkpoint or args.config or 'shapes'} (± one standard error):")
     print("\n".join(f"  {k.removeprefix('eval/'):26s} {_with_se(metrics, k):>15s}" for k in _metric_keys(metrics)))
     if args.out:
@@ -206,8 +232,10 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
         budget_seconds=args.seconds,
         out=args.out,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
-    print(f"wrote {path}")
+    if _main_process():
+        print(f"wrote {path}")
     return 0
 
 
@@ -217,6 +245,8 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ValueError(f"unexpected arguments: {' '.join(extra)}")
     result = export(args.checkpoint, args.out, merged=args.merged, dtype=args.dtype)
+    if not _main_process():
+        return 0
     what = "a diffusers LoRA" if result.kind == "lora" else "a diffusers pipeline"
     print(f"wrote {what} to {result.path} (step {result.step}{', EMA weights' if result.ema else ''}); load it with:")
     print("\n".join("  " + line for line in result.usage.splitlines()))
@@ -245,18 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("config", help="YAML file or built-in preset name (e.g. shapes)")
     t.add_argument("--resume", default=None, help="checkpoint dir, or 'auto' for the output dir's latest")
+    t.add_argument("--overwrite", action="store_true", help="replace a run already in the output dir (else refused)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = sub.add_parser("sample", help="draw images from a base model or a checkpoint")
     s.add_argument(
         "--model",
-        default="shapes",
+        default=DEFAULT_SAMPLE_MODEL,
         help="zoo name (sampled as its model card recommends), local dir or hub id; --key value overrides any"
         " config field, e.g. --eval-num-steps 28 --guidance-scale 3.5",
     )
     s.add_argument("--checkpoint", default=None, help="a run dir or checkpoint dir from `flowalign train`")
     s.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     s.add_argument("--prompts", default=None, help="text file, one prompt per line, or shapes:eval")
-    s.add_argument("--n", type=int, default=1, help="seeds per prompt")
+    s.add_argument("--n", "--num-seeds", dest="n", type=int, default=1, help="seeds per prompt")
     s.add_argument("--seed", type=int, default=0, help="first seed; seeds SEED .. SEED+N-1")
     s.add_argument(
         "--compare",
@@ -264,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --checkpoint: the run's base model and its aligned weights from the same noise, row by row,"
         " each image scored by the run's reward (a before/after grid on your prompts)",
     )
-    s.add_argument("--out", default="samples")
+    s.add_argument("--out", default="samples", help="a new or empty directory for the PNGs and grid")
+    s.add_argument("--overwrite", action="store_true", help="replace the images an earlier call wrote to --out")
     e = sub.add_parser(
         "eval",
         help="evaluate a base model or a checkpoint on a prompt set (per-category accuracy on shapes: sets)",
@@ -287,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON path (default: <output_dir>_bench/bench.json; with --output-dir D: D/bench.json)",
     )
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--overwrite", action="store_true", help="replace an earlier bench's runs in the output dir")
     x = sub.add_parser(
         "export",
         help="a trained run as a diffusers LoRA (pipe.load_lora_weights) or a whole pipeline (from_pretrained)",
@@ -333,9 +366,13 @@ def main(argv: list[str] | None = None) -> int:
     handler = handlers[args.command]
     try:
         return handler(args, extra)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError) as err:
         print(f"flowalign {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        resume = " (what it checkpointed continues with --resume auto)" if args.command in ("train", "bench") else ""
+        print(f"\nflowalign {args.command}: interrupted{resume}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

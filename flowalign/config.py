@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, fields
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu", "npu")
 # accelerate's experiment trackers (`log_with`) -> the pip package each needs.
 TRACKERS = {
     "tensorboard": "tensorboard",
@@ -162,6 +164,27 @@ class TrainConfig:
                 f"train_batch_size ({self.train_batch_size}) must divide "
                 f"prompts_per_step*group_size ({self.batch_size})"
             )
+        if not self.output_dir.strip():
+            raise ValueError("output_dir must name a directory, got an empty string")
+        if self.lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
+        if not (self.clip_range > 0 and math.isfinite(self.clip_range)):
+            raise ValueError(f"clip_range must be a positive number, got {self.clip_range}")
+        for name in ("guidance_scale", "eval_guidance_scale", "noise_level", "learning_rate", "kl_beta", "adv_clip"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("warmup_steps", "save_every", "eval_every", "seed", "eval_seed", "grid_prompts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_eval_prompts < 0:
+            raise ValueError(f"num_eval_prompts must be >= 0 (0 = no evaluation), got {self.num_eval_prompts}")
+        if self.device is not None and self.device.split(":")[0] not in DEVICE_TYPES:
+            raise ValueError(
+                f"device must be one of {', '.join(DEVICE_TYPES)} (optionally with :N) or null, got {self.device!r}"
+            )
         for name in ("height", "width"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(
@@ -237,19 +260,37 @@ def _coerce(name: str, value: Any) -> Any:
     if hint is Any:
         return value
     if origin is tuple:
-        items = [x for x in value.split(",") if x.strip()] if isinstance(value, str) else list(value)
         inner = args[0] if args else str
-        return tuple(inner(x.strip()) if isinstance(x, str) else inner(x) for x in items)
+        if isinstance(value, str):
+            items = [x for x in value.split(",") if x.strip()]
+        elif isinstance(value, (list, tuple)):
+            items = list(value)
+        else:
+            raise ValueError(f"{name} expects a list of {inner.__name__} (or a comma-separated string), got {value!r}")
+        return tuple(_scalar(name, inner, x.strip() if isinstance(x, str) else x) for x in items)
+    return _scalar(name, hint, value)
+
+
+def _scalar(name: str, hint: type, value: Any) -> Any:
+    """One value of type `hint`, refusing what would be silently changed: a float or bool where an integer is due
+    (2.7 -> 2, true -> 1), null or a list where text is due (a folder named "None")."""
     if hint is bool:
         if isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError(f"{name} expects true/false, got {value!r}")
             return value.lower() in ("true", "1", "yes")
-        return bool(value)
-    try:
-        return hint(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} expects {hint.__name__}, got {value!r}") from None
+        if isinstance(value, bool) or value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{name} expects true/false, got {value!r}")
+    bad = value is None or isinstance(value, (list, tuple, dict)) or (hint is not str and isinstance(value, bool))
+    if hint is int and isinstance(value, float) and not value.is_integer():
+        bad = True
+    if not bad:
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(f"{name} expects {'an integer' if hint is int else hint.__name__}, got {value!r}")
 
 
 def make_config(values: dict[str, Any]) -> TrainConfig:
@@ -276,8 +317,11 @@ def read_yaml(source: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = Path(source)
     if not path.is_file():
         if source not in preset_names():
+            run = path.is_dir() and ((path / "checkpoints").is_dir() or (path / "trainable.safetensors").exists())
+            hint = " (a training run: pass it as --checkpoint, checkpoint= in Python)" if run else ""
             raise FileNotFoundError(
-                f"config {source!r} is neither a YAML file nor a built-in preset; presets: {', '.join(preset_names())}"
+                f"config {source!r} is neither a YAML file nor a built-in preset{hint}; presets: "
+                f"{', '.join(preset_names())}"
             )
         path = PRESET_DIR / f"{source}.yaml"
     try:
@@ -347,11 +391,17 @@ def load_prompt_set(source: str) -> tuple[list[str], dict[str, list]]:
             prompts = [p for p in prompts if world.parse_caption(p).category == category]
         return prompts, {}
     path = Path(source)
+    if path.is_dir():
+        raise ValueError(f"prompt file {source!r} is a directory; pass a text file with one prompt per line")
     if not path.is_file():
         raise FileNotFoundError(
             f"prompt file {source!r} not found; pass a text file with one prompt per line (or a .jsonl file)"
         )
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"prompt file {source!r} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         raise ValueError(f"prompt file {source!r} is empty; it needs one prompt per line")
     if path.suffix != ".jsonl":

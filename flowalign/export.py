@@ -87,6 +87,13 @@ def _usage(kind: str, path: Path, trainer: GRPOTrainer, sampling: dict, dtype: s
     return "\n".join(lines)
 
 
+def check_out(out: str | Path) -> None:
+    """An export goes into a new or empty directory: refused before anything loads, never half-written over."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} exists and is not an empty directory; export into a new directory")
+
+
 def export_run(trainer: GRPOTrainer, out: str | Path, *, merged: bool = False, dtype: str | None = None) -> Export:
     """Writes `trainer`'s current (EMA) weights to `out` for diffusers; see the module docstring.
 
@@ -107,8 +114,7 @@ def export_run(trainer: GRPOTrainer, out: str | Path, *, merged: bool = False, d
         merged = False  # a full fine-tune is already a whole model
     if dtype is not None and lora and not merged:
         raise ValueError("dtype applies to a saved pipeline (merged or a full fine-tune), not to a LoRA file")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} exists and is not empty; export into a new directory")
+    check_out(out)
     pipe, transformer = trainer.adapter.pipe, trainer.adapter.transformer
     kind = "lora" if lora and not merged else "pipeline"
     with trainer.ema_weights():

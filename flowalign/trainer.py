@@ -104,6 +104,10 @@ def evenly_spaced(items: list, n: int) -> list:
 def make_accelerator(cfg: TrainConfig, *, track: bool = True) -> Accelerator:
     """The run's Accelerator: precision, device, and (`track`) the experiment trackers of `log_with`, started by
     `train`; a trainer that only evaluates, samples or exports a run starts none."""
+    kind = (cfg.device or "").split(":")[0]
+    available = {"cuda": torch.cuda.is_available, "mps": lambda: torch.backends.mps.is_available()}
+    if kind in available and not available[kind]():
+        raise ValueError(f"device {cfg.device!r}: no {kind} device is visible here; use device: cpu or null")
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=cfg.device == "cpu",
@@ -617,7 +621,12 @@ class GRPOTrainer:
             tmp / "optimizer.pt",
         )
         save_file({"torch_cpu": torch.get_rng_state()}, tmp / "rng.safetensors")
-        meta = {"step": self.step, "lora_rank": self.cfg.lora_rank, "model": self.cfg.model}
+        meta = {
+            "step": self.step,
+            "lora_rank": self.cfg.lora_rank,
+            "model": self.cfg.model,
+            "num_processes": self.accelerator.num_processes,
+        }
         (tmp / "state.json").write_text(json.dumps(meta))
         (tmp / "config.yaml").write_text(to_yaml(self.cfg))
         shutil.rmtree(final, ignore_errors=True)
@@ -637,10 +646,18 @@ class GRPOTrainer:
     def load(self, path: str | Path) -> None:
         """Restores a checkpoint written by `save` (a step directory or the checkpoints root)."""
         path = Path(path)
+        if (path / "checkpoints" / "latest").exists():  # a run directory
+            path = path / "checkpoints"
         if (path / "latest").exists():
             path = path / (path / "latest").read_text().strip()
         if not (path / "trainable.safetensors").exists():
             raise FileNotFoundError(f"no checkpoint at {path}: expected trainable.safetensors from `flowalign train`")
+        saved = json.loads((path / "state.json").read_text())
+        if saved.get("model") not in (None, self.cfg.model):
+            raise ValueError(
+                f"checkpoint {path} trained model {saved['model']!r}, this run loads {self.cfg.model!r}: resume with "
+                f"--model {saved['model']} (model: {saved['model']} in a YAML, model= in the API)"
+            )
         state = load_file(path / "trainable.safetensors")
         missing = set(self.params) ^ set(state)
         shapes = [n for n in set(self.params) & set(state) if state[n].shape != self.params[n].shape]
@@ -674,7 +691,22 @@ class GRPOTrainer:
                 betas=tuple(cfg.adam_betas),
             )
         torch.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
-        self.step = json.loads((path / "state.json").read_text())["step"]
+        self.step = saved["step"]
+        self.loaded_from = (path, saved.get("num_processes", self.accelerator.num_processes))
+
+    def _warn_process_count(self) -> None:
+        """A resumed run on another number of processes goes on with another batch (it is per process)."""
+        path, procs = self.loaded_from
+        if procs != self.accelerator.num_processes:
+            logger.warning(
+                "checkpoint %s was trained on %d processes, this run has %d: each step now draws %d samples instead"
+                " of %d (prompts_per_step x group_size per process)",
+                path,
+                procs,
+                self.accelerator.num_processes,
+                self.cfg.batch_size * self.accelerator.num_processes,
+                self.cfg.batch_size * procs,
+            )
 
     # ----------------------------------------------------------------------------------------- loop
     def _log(self, record: dict[str, float]) -> None:
@@ -685,11 +717,36 @@ class GRPOTrainer:
             self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def _truncate_metrics(self) -> None:
-        """On resume, drop log lines written after the checkpoint so the log equals an uninterrupted run's."""
+        """On resume, drop log lines written after the checkpoint so the log equals an uninterrupted run's. Lines of
+        steps that had been checkpointed (a resume from an earlier checkpoint than the latest) are kept aside in
+        `metrics.after_step_N.jsonl`, not lost."""
         path = self.out / "metrics.jsonl"
         if path.exists() and self.accelerator.is_main_process:
-            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= self.step]
-            path.write_text("".join(ln + "\n" for ln in lines))
+            lines = [ln for ln in path.read_text().splitlines() if ln]
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+            later = sorted(int(d.name.removeprefix("step_")) for d in (self.out / "checkpoints").glob("step_*"))
+            if later and later[-1] > self.step:
+                aside = self.out / f"metrics.after_step_{self.step}.jsonl"
+                aside.write_text("".join(ln + "\n" for ln in lines if ln not in kept))
+                logger.warning(
+                    "resuming at step %d of a run checkpointed up to step %d: its log after step %d is in %s",
+                    self.step,
+                    later[-1],
+                    self.step,
+                    aside,
+                )
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each statistic averaged over the processes that report it (every process holds an equal share of the
+        batch), so the log describes the whole batch, not the main process's part. A collective."""
+        if self.accelerator.num_processes == 1:
+            return metrics
+        from accelerate.utils import gather_object
+
+        parts = gather_object([metrics])
+        keys = dict.fromkeys(k for part in parts for k in part)
+        return {k: float(np.mean([part[k] for part in parts if k in part])) for k in keys}
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -704,11 +761,16 @@ class GRPOTrainer:
         gathered = self.accelerator.gather(rewards.total.to(self.device)).float().cpu()
         metrics.update(
             {
-                "reward/mean": float(gathered.mean()),
-                "reward/std": float(gathered.std()) if gathered.numel() > 1 else 0.0,
                 "reward/zero_std_frac": credit_lib.zero_variance_fraction(rewards.total, self.group_ids),
                 **{f"reward/{k}": float(v.mean()) for k, v in rewards.raw.items() if k != "total"},
                 **credit_lib.credit_stats(credit),
+            }
+        )
+        metrics = self._mean_over_processes(metrics)
+        metrics.update(
+            {
+                "reward/mean": float(gathered.mean()),
+                "reward/std": float(gathered.std()) if gathered.numel() > 1 else 0.0,
                 "time/sample": t1 - t0,
                 "time/reward": t2 - t1,
                 "time/credit": t_credit - t2,
@@ -723,18 +785,30 @@ class GRPOTrainer:
         resume: str | Path | None = None,
         progress: bool = True,
         stop: Callable[[dict[str, float]], bool] | None = None,
+        overwrite: bool = False,
     ) -> list[dict[str, float]]:
         """Runs to `max_steps` (or until `stop(record)` says so, for budgeted benchmarks); returns the records
-        written this call. The last step is always evaluated and checkpointed. `resume`: a checkpoint (step dir or
-        checkpoints dir), or "auto": this output_dir's latest checkpoint if it has one, else a fresh start."""
+        written this call. The last step is always evaluated and checkpointed. `resume`: a checkpoint (step dir,
+        checkpoints dir or run dir), or "auto": this output_dir's latest checkpoint if it has one, else a fresh
+        start. An output_dir holding another run is refused unless `overwrite` (its log and checkpoints are
+        replaced): a fresh start there, or a resume from a checkpoint outside it, would mix or erase that run."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         check_trackers(cfg.log_with)
-        if resume == "auto":
+        auto = resume == "auto"
+        if auto:
             resume = self.out / "checkpoints" if (self.out / "checkpoints" / "latest").exists() else None
+        held = (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints" / "latest").exists()
+        here = resume is not None and self.out.resolve() in (Path(resume).resolve(), *Path(resume).resolve().parents)
+        if held and not overwrite and not here and not (auto and resume is None):
+            raise FileExistsError(
+                f"{self.out} holds another run ({'its checkpoints' if resume else 'metrics.jsonl'}): continue it with "
+                "--resume auto, write this one elsewhere with --output-dir DIR, or replace it with --overwrite"
+            )
         if resume:
             self.load(resume)  # first: a checkpoint that does not fit leaves the run's files as they were
+            self._warn_process_count()
         self.out.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
             (self.out / "config.yaml").write_text(to_yaml(cfg))

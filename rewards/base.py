@@ -35,6 +35,8 @@ def check_images(images: torch.Tensor, who: str) -> None:
         raise ValueError(f"{who}: expected images as a float tensor [B,3,H,W], got {shape}")
     if not images.is_floating_point():
         raise ValueError(f"{who}: expected float images in [0, 1], got dtype {images.dtype}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{who}: got an empty batch of images")
     lo, hi = float(images.min()), float(images.max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ValueError(f"{who}: expected images in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")

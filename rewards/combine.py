@@ -30,6 +30,7 @@ weighting and gating, for `reward/<head>` logs. Pareto selection (Parrot) is not
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -264,6 +265,17 @@ class CombinedReward:
 _SPEC_KEYS = {"name", "weight", "kwargs", "key", "gate"}
 
 
+def _finite(value: Any, what: str) -> float:
+    """A config number, refusing text, null, bool, NaN and infinities with the field named."""
+    try:
+        number = float(value) if not isinstance(value, bool) else float("nan")
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
 def build_combined(
     spec: Sequence[Mapping[str, Any]],
     *,
@@ -295,18 +307,27 @@ def build_combined(
                 f"reward spec #{i} ({entry['name']}): unknown keys {sorted(unknown)}; valid: "
                 f"{', '.join(sorted(_SPEC_KEYS))}"
             )
+        where = f"reward spec #{i} ({entry['name']!r})"
+        if not isinstance(entry["name"], str):
+            raise ValueError(f"{where}: name must be a registered reward name (text)")
+        for part in ("kwargs", "gate"):
+            if entry.get(part) is not None and not isinstance(entry[part], Mapping):
+                raise ValueError(f"{where}: {part} must be a mapping, got {entry[part]!r}")
         kwargs = dict(entry.get("kwargs") or {})
         gate = dict(entry.get("gate") or {})
         if set(gate) - {"floor", "penalty"} or (gate and "floor" not in gate):
-            raise ValueError(f"reward spec #{i} ({entry['name']}): gate takes 'floor' (required) and 'penalty'")
+            raise ValueError(f"{where}: gate takes 'floor' (required) and 'penalty'")
+        weight = _finite(entry.get("weight", 1.0), f"{where}: weight")
+        floor = None if "floor" not in gate else _finite(gate["floor"], f"{where}: gate floor")
+        penalty = None if gate.get("penalty") is None else _finite(gate["penalty"], f"{where}: gate penalty")
         fn = registry.get(entry["name"])(**kwargs)
         heads.append(
             RewardHead(
                 key=str(entry.get("key") or entry["name"]),
                 fn=fn,
-                weight=float(entry.get("weight", 1.0)),
-                floor=None if "floor" not in gate else float(gate["floor"]),
-                penalty=None if gate.get("penalty") is None else float(gate["penalty"]),
+                weight=weight,
+                floor=floor,
+                penalty=penalty,
                 kwargs=kwargs,
             )
         )

@@ -286,3 +286,61 @@ def test_a_run_with_a_relative_prompt_file_is_evaluated_and_exported_from_anywhe
     assert export(run, tmp_path / "exported").kind == "lora"
     with pytest.raises(ValueError, match="no training prompts: this trainer was built without them"):
         load_run(run, max_steps=2).train(resume="auto", progress=False)
+
+
+def test_bad_input_is_refused_before_anything_loads(tmp_path, monkeypatch, capsys):
+    """Each of these used to load a model first (or run to the end) and then fail, or not fail at all."""
+    from flowalign import api, cli
+    from flowalign.bench import run_bench
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "000_seed0.png").write_bytes(b"an earlier call's image")
+    assert cli.main(["sample", "--prompt", "a red circle", "--out", "used"]) == 2
+    assert "not an empty directory" in capsys.readouterr().err
+    assert cli.main(["sample", "--prompt", "a red circle", "--n", "0"]) == 2
+    assert cli.main(["sample", "--checkpoint", "run", "--model", "other", "--prompt", "x"]) == 2
+    assert "a checkpoint samples its run's own model" in capsys.readouterr().err
+    for budget in ({"budget_seconds": 0}, {"budget_reward_calls": 0}, {"budget_steps": 0}):
+        with pytest.raises(ValueError, match="must be > 0"):
+            run_bench("shapes", **budget)
+    with pytest.raises(ValueError, match="is a directory"):
+        run_bench("shapes", budget_steps=1, out=tmp_path)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        api.export("no-such-run", tmp_path / "afile")
+    with pytest.raises(ValueError, match="seeds must be a list"):
+        api.compare("no-such-run", ["a red circle"], seeds=3)
+    with pytest.raises(ValueError, match="not valid YAML"):
+        cli.parse_overrides(["--reward", "[{name: x"])
+    (tmp_path / "p.txt").write_text("a red circle\na purple hexagon\n")
+    with pytest.raises(ValueError, match="hexagon"):  # the checker's grammar, not at the step it is first drawn
+        api.build_trainer(api.load_config("shapes", {"prompts": "p.txt"}))
+    assert cli.main(["eval", "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_folders_that_are_not_pipelines_say_what_to_pass(tmp_path):
+    from flowalign.adapters import load_pipeline
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a diffusers pipeline.*save_pretrained"):
+        load_pipeline(tmp_path / "empty")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_000001")
+    with pytest.raises(FileNotFoundError, match="flowalign run: pass it as --checkpoint"):
+        load_pipeline(tmp_path / "run")
+    (tmp_path / "f.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        load_pipeline(tmp_path / "f.bin")
+
+
+def test_ctrl_c_ends_with_a_line_not_a_traceback(monkeypatch, capsys):
+    from flowalign import cli
+
+    def interrupted(args, extra):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_train", interrupted)
+    assert cli.main(["train", "shapes"]) == 130
+    assert "interrupted (what it checkpointed continues with --resume auto)" in capsys.readouterr().err

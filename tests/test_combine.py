@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -227,3 +228,21 @@ def test_build_combined_from_config_dicts():
         build_combined([{"name": "const", "gate": {"penalty": 1}}], registry=registry)
     with pytest.raises(ValueError, match="unknown reward 'nope'; valid: const"):
         build_combined([{"name": "nope"}], registry=registry)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"name": "brightness", "weight": float("nan")}, "weight must be a finite number"),
+        ({"name": "brightness", "weight": None}, "weight must be a finite number"),
+        ({"name": "brightness", "weight": "abc"}, "weight must be a finite number"),
+        ({"name": "brightness", "kwargs": [1]}, "kwargs must be a mapping"),
+        ({"name": "brightness", "gate": 0.5}, "gate must be a mapping"),
+        ({"name": ["brightness"]}, "name must be a registered reward name"),
+        ({"name": "brightness", "gate": {"floor": float("inf")}}, "gate floor must be a finite number"),
+        ({"kwargs": {}}, "must be a mapping with a 'name'"),
+    ],
+)
+def test_bad_reward_specs_are_named(entry, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build_combined([entry])

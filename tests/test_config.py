@@ -1,5 +1,7 @@
 """Config loading, overrides and the clear errors users see."""
 
+import re
+
 import pytest
 
 from flowalign.cli import parse_overrides
@@ -39,7 +41,7 @@ def test_overrides_are_coerced_and_win_over_preset():
     )
     assert cfg.max_steps == 3 and cfg.learning_rate == 1e-3 and cfg.lora_targets == ("to_q", "to_k")
     assert cfg.model == read_yaml("shapes")["model"]
-    with pytest.raises(ValueError, match="max_steps expects int"):
+    with pytest.raises(ValueError, match="max_steps expects an integer"):
         load_config("shapes", {"max_steps": "many"})
 
 
@@ -129,3 +131,44 @@ def test_a_folder_named_like_a_preset_does_not_hide_the_preset(tmp_path, monkeyp
     assert load_config("shapes") == load_config(str(PRESET_DIR / "shapes.yaml"))
     (tmp_path / "mine.yaml").write_text("base: shapes\nseed: 4\n")
     assert load_config("mine.yaml").seed == 4
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"max_steps": 2.7}, "max_steps expects an integer, got 2.7"),  # was truncated to 2
+        ({"max_steps": True}, "max_steps expects an integer, got True"),  # was 1
+        ({"output_dir": None}, "output_dir expects str, got None"),  # was a folder named None
+        ({"output_dir": ["a", "b"]}, "output_dir expects str"),
+        ({"output_dir": ""}, "output_dir must name a directory"),  # was the current directory
+        ({"lora_rank": -4}, "lora_rank must be >= 0"),  # was a full fine-tune under a LoRA banner
+        ({"eval_guidance_scale": float("nan")}, "eval_guidance_scale must be a finite number"),  # was no guidance
+        ({"ema_decay": 2}, "ema_decay must be in"),
+        ({"clip_range": -1}, "clip_range must be a positive"),
+        ({"warmup_steps": -5}, "warmup_steps must be >= 0"),
+        ({"adam_betas": 0.9}, "adam_betas expects a list of float"),  # was a TypeError
+        ({"lora_targets": 5}, "lora_targets expects a list of str"),
+        ({"log_with": None}, "log_with expects a list"),
+        ({"device": "nonsense"}, "device must be one of cpu, cuda"),  # was CPU, silently
+        ({"use_ema": 1}, "unknown config key"),
+    ],
+)
+def test_values_that_would_be_silently_changed_are_refused(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config("shapes", override)
+
+
+def test_whole_floats_and_listed_strings_still_coerce():
+    cfg = load_config("shapes", {"max_steps": 3.0, "lora_targets": "to_q, to_k", "log_with": [], "seed": "7"})
+    assert (cfg.max_steps, cfg.lora_targets, cfg.log_with, cfg.seed) == (3, ("to_q", "to_k"), (), 7)
+
+
+def test_prompt_files_and_run_directories_are_named_for_what_they_are(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        load_prompts(str(tmp_path))
+    (tmp_path / "latin1.txt").write_bytes("un cercle rouge à gauche\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt' is not UTF-8 text"):
+        load_prompts(str(tmp_path / "latin1.txt"))
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="a training run: pass it as --checkpoint"):
+        load_config(str(tmp_path / "run"))

@@ -60,7 +60,7 @@ def test_a_gated_lora_loads_into_a_stock_pipeline_and_draws_the_runs_ema_images(
 
     with pytest.raises(ValueError, match="which a merged model cannot express"):
         export_run(trainer, tmp_path / "merged", merged=True)
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="not an empty directory"):
         export_run(trainer, tmp_path / "lora")
 
 

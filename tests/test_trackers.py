@@ -19,7 +19,7 @@ def test_tensorboard_receives_every_logged_metric_at_its_step(tmp_path):
 
     tiny_trainer(tmp_path, PROMPTS, log_with=("tensorboard",), max_steps=1).train(progress=False)  # overwritten
     trainer = tiny_trainer(tmp_path, PROMPTS, log_with=("tensorboard",), max_steps=3, eval_every=2)
-    trainer.train(progress=False)
+    trainer.train(progress=False, overwrite=True)
     # resumed from step 2 of the 3 it ran: step 3 is logged again, and TensorBoard, like metrics.jsonl, keeps one
     resumed = tiny_trainer(tmp_path, PROMPTS, log_with=("tensorboard",), max_steps=3, eval_every=2)
     resumed.train(resume=tmp_path / "checkpoints" / "step_000002", progress=False)

@@ -12,6 +12,9 @@ from flowalign.trainer import GRPOTrainer, RewardError
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "two yellow circles"]
 
 
+REWARD_SUMMARY_KEYS = ("reward/mean", "reward/std", "reward/zero_std_frac")
+
+
 def _trainer(tmp_path, reward=None, **over) -> GRPOTrainer:
     return tiny_trainer(tmp_path, PROMPTS, reward, **over)
 
@@ -99,7 +102,7 @@ def test_keep_checkpoints_keeps_the_latest_and_resume_still_works(tmp_path):
     resumed.train(resume="auto", progress=False)
     assert resumed.step == 4
     assert sorted(d.name for d in (tmp_path / "checkpoints").glob("step_*")) == ["step_000003", "step_000004"]
-    _trainer(tmp_path, max_steps=1, keep_checkpoints=2).train(progress=False)  # a new run into this directory
+    _trainer(tmp_path, max_steps=1, keep_checkpoints=2).train(progress=False, overwrite=True)  # a new run here
     assert sorted(d.name for d in (tmp_path / "checkpoints").glob("step_*")) == ["step_000001"]  # no stale steps
 
 
@@ -112,7 +115,7 @@ def test_a_fresh_run_into_a_used_directory_cannot_be_resumed_as_the_old_one(tmp_
 
     fresh.train_step = interrupted
     with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
-        fresh.train(progress=False)
+        fresh.train(progress=False, overwrite=True)
     assert "held a previous run (checkpoints up to step_000002)" in caplog.text
     # `--resume auto` looks for checkpoints/latest: it must not continue the old run under the new config
     assert not (tmp_path / "checkpoints" / "latest").exists()
@@ -310,6 +313,9 @@ def test_two_processes_train_resume_and_evaluate_as_one_run(tmp_path):
     }
     assert [r["step"] for r in logs["full"]] == [0, 1, 2, 3], "one line per step, written once"
     assert logs["full"][1]["cost/reward_calls"] == 2 * 8, "both processes' samples were scored"
+    # the one reward's own log is its mean over both processes' samples, as reward/mean is (not rank 0's half)
+    (own,) = [k for k in logs["full"][1] if k.startswith("reward/") and k not in REWARD_SUMMARY_KEYS]
+    assert logs["full"][1][own] == pytest.approx(logs["full"][1]["reward/mean"], abs=1e-6)
     assert _strip_times(logs["full"]) == _strip_times(logs["resumed"])
     assert (tmp_path / "full" / "grid.png").exists() and (tmp_path / "full" / "summary.json").exists()
 
@@ -585,3 +591,40 @@ def test_evaluation_reports_the_reward_mean_and_its_standard_error(tmp_path):
     assert n > 1 and metrics["eval/reward_mean"] == pytest.approx(per_image.mean(), abs=1e-6)
     assert metrics["eval/reward_mean_se"] == pytest.approx(per_image.std(ddof=1) / n**0.5, abs=1e-6)
     assert metrics["eval/reward_mean_se"] > 0
+
+
+def test_a_run_directory_is_never_overwritten_or_mixed_without_being_asked(tmp_path, caplog):
+    first = _trainer(tmp_path / "a", max_steps=2, save_every=1)
+    first.train(progress=False)
+    log = (tmp_path / "a" / "metrics.jsonl").read_text()
+    with pytest.raises(FileExistsError, match="holds another run.*--resume auto.*--overwrite"):
+        _trainer(tmp_path / "a", max_steps=2, seed=5).train(progress=False)
+    with pytest.raises(FileExistsError, match="holds another run"):  # another run's checkpoint into this one
+        _trainer(tmp_path / "a", max_steps=3).train(resume=_other_run(tmp_path), progress=False)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == log, "refused before touching anything"
+    # a resume from this run's earlier checkpoint keeps the later log aside; a run dir works as the resume path
+    _trainer(tmp_path / "a", max_steps=2).train(resume=tmp_path / "a" / "checkpoints" / "step_000001", progress=False)
+    aside = (tmp_path / "a" / "metrics.after_step_1.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in aside] == [2]
+    resumed = _trainer(tmp_path / "a", max_steps=3)
+    resumed.train(resume=tmp_path / "a", progress=False)
+    assert resumed.step == 3
+    _trainer(tmp_path / "a", max_steps=1).train(progress=False, overwrite=True)
+    assert [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def _other_run(tmp_path):
+    other = _trainer(tmp_path / "other", max_steps=1)
+    other.train(progress=False)
+    return tmp_path / "other" / "checkpoints"
+
+
+def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.train(progress=False)
+    state = tmp_path / "checkpoints" / "step_000001" / "state.json"
+    saved = json.loads(state.read_text())
+    assert saved["num_processes"] == 1
+    state.write_text(json.dumps({**saved, "model": "someone/else"}))
+    with pytest.raises(ValueError, match="trained model 'someone/else'.*--model someone/else"):
+        _trainer(tmp_path, max_steps=2).train(resume="auto", progress=False)

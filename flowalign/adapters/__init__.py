@@ -53,7 +53,8 @@ def _not_found(model: str, why: str | None, detail: str) -> FileNotFoundError:
     where = f"in the local Hugging Face cache ({why})" if why else "on the Hugging Face Hub"
     fix = (
         f"Download it first with `hf download {model} --local-dir DIR` (older huggingface_hub: "
-        f"`huggingface-cli download {model} --local-dir DIR`) and pass DIR"
+        f"`huggingface-cli download {model} --local-dir DIR`) and pass DIR (`--model DIR`, `model: DIR` in a YAML,"
+        " `model='DIR'` in Python)"
     )
     if why == _SWITCHED_OFF:
         fix += ", or unset HF_HUB_OFFLINE so from_pretrained can download it."
@@ -105,7 +106,21 @@ def load_pipeline(
     name = os.fspath(model)
     local = Path(name).expanduser()
     if local.is_dir():
+        if not (local / "model_index.json").is_file():
+            hint = (
+                " It holds a flowalign run: pass it as --checkpoint (checkpoint= in Python), or export it with"
+                " `flowalign export`."
+                if (local / "checkpoints" / "latest").exists() or (local / "trainable.safetensors").exists()
+                else " Pass the folder that `save_pretrained` (or `hf download`) wrote."
+            )
+            raise FileNotFoundError(
+                f"{str(local)!r} is a folder but not a diffusers pipeline (no model_index.json).{hint}"
+            )
         return _from_pretrained(cls, str(local), local / "model_index.json", kwargs)
+    if local.is_file():
+        raise FileNotFoundError(
+            f"model {name!r} is a file; pass a pipeline folder (with model_index.json) or a hub id"
+        )
     switched_off = hub_offline_env()
     with cache_only_when_unreachable() as no_network:
         if switched_off:
@@ -135,4 +150,10 @@ def _from_pretrained(cls: Any, name: str, index: Path, kwargs: dict[str, Any]):
         for key, value in json.loads(index.read_text(encoding="utf-8")).items():
             if isinstance(value, list) and len(value) == 2 and value[0] is None and value[1] is None:
                 kwargs.setdefault(key, None)
-    return cls.from_pretrained(name, **kwargs)
+    try:
+        return cls.from_pretrained(name, **kwargs)
+    except OSError as err:  # a local folder with a component's weights missing: diffusers' message, not its trace
+        if not Path(name).is_dir():
+            raise
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise FileNotFoundError(f"pipeline folder {name!r} is incomplete: {first}") from None
