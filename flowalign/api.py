@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,9 +247,7 @@ def load_run(checkpoint: str | Path, *, keep_reference: bool = False, **override
     of its checkpoint (`checkpoint_dir` resolves a run dir), EMA ones where the run kept them; for evaluating,
     sampling or comparing the run. `keep_reference`: a full fine-tune also keeps its base model (for `compare`)."""
     ckpt = checkpoint_dir(checkpoint)
-    trainer = build_trainer(
-        load_config(str(ckpt / "config.yaml"), overrides), training=False, keep_reference=keep_reference
-    )
+    trainer = build_trainer(run_config(ckpt, overrides), training=False, keep_reference=keep_reference)
     trainer.load(ckpt)
     return trainer
 
@@ -264,7 +263,7 @@ def evaluate(config: str | None = None, *, checkpoint: str | Path | None = None,
         raise ValueError("give a config (evaluates its base model) or a checkpoint (uses its run's config), not both")
     if checkpoint is not None:
         ckpt = checkpoint_dir(checkpoint)
-        cfg = load_config(str(ckpt / "config.yaml"), overrides)
+        cfg = run_config(ckpt, overrides)
     else:
         cfg = load_config(config or "shapes", overrides)
     if cfg.num_eval_prompts < 1:  # before any model loads
@@ -295,8 +294,12 @@ def compare(
         prompt_list, columns = load_prompt_set(prompts) if isinstance(prompts, str) else (list(prompts), {})
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err} (for captions, pass a list: prompts=[{prompts!r}])") from None
-    if isinstance(seeds, int) or not all(isinstance(s, int) and s >= 0 for s in seeds):
+    if isinstance(seeds, numbers.Integral) or not isinstance(seeds, Iterable):
         raise ValueError(f"seeds must be a list of integers >= 0, e.g. seeds=range(4); got {seeds!r}")
+    seeds = list(seeds)
+    if not all(isinstance(s, numbers.Integral) and s >= 0 for s in seeds):
+        raise ValueError(f"seeds must be a list of integers >= 0, e.g. seeds=range(4); got {seeds!r}")
+    seeds = [int(s) for s in seeds]
     if not prompt_list or not seeds:
         raise ValueError("compare needs at least one prompt and one seed")
     if path is None or str(path).strip() == "":
@@ -327,6 +330,20 @@ def export(checkpoint: str | Path, out: str | Path, *, merged: bool = False, dty
         result = export_run(trainer, out, merged=merged, dtype=dtype)
     trainer.accelerator.wait_for_everyone()
     return result
+
+
+# Fields added after runs were first written, with the value that gives an older run's config.yaml (which lacks
+# them) its old meaning: kl_beta was the exact Gaussian KL before kl_form existed.
+LEGACY_DEFAULTS = {"kl_form": "exact"}
+
+
+def run_config(checkpoint: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config a checkpoint was trained with (its config.yaml), plus overrides."""
+    from flowalign.config import make_config, read_yaml
+
+    values = read_yaml(str(checkpoint / "config.yaml"))
+    values = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in values}, **values, **(overrides or {})}
+    return make_config(values)
 
 
 def checkpoint_dir(path: str | Path) -> Path:

@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flowalign {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        resume = " (what it checkpointed continues with --resume auto)" if args.command in ("train", "bench") else ""
+        resume = " (what it checkpointed continues with --resume auto)" if args.command == "train" else ""
         print(f"\nflowalign {args.command}: interrupted{resume}", file=sys.stderr)
         return 130
 

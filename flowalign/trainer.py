@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -325,7 +326,8 @@ class GRPOTrainer:
         return Rewards(total, {k: v.detach().float().cpu() for k, v in rewards.raw.items()})
 
     def assign_credit(self, traj: Trajectory, rewards: Rewards) -> tuple[credit_lib.CreditOutput, dict[str, float]]:
-        """Advantages [B, n] for the n stochastic steps, plus cost metrics (model evaluations, reward calls)."""
+        """Advantages [B, n] for the n stochastic steps, plus metrics of the whole batch (all processes): cost
+        (model evaluations, reward calls), credit statistics and the fraction of groups with equal rewards."""
         cfg = self.cfg
         n = int(traj.sde_mask.sum())
         batch = len(traj.prompts)
@@ -373,12 +375,18 @@ class GRPOTrainer:
             std_scope=cfg.adv_std,
             clip=cfg.adv_clip,
         )
+        # statistics of the whole batch, before each process takes its rows back
+        metrics = {
+            "reward/zero_std_frac": credit_lib.zero_variance_fraction(totals, groups),
+            **credit_lib.credit_stats(out),
+            # every process draws and scores a full batch: the run's cost is N times one process's
+            **{k: float(v) * procs for k, v in cost.items()},
+        }
         if procs > 1:  # this process's rows
             rows = slice(rank * batch, (rank + 1) * batch)
             sliced = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
             out = dataclasses.replace(out, **{k: v[rows] for k, v in sliced.items() if v is not None})
-        # every process draws and scores a full batch: the run's cost is N times one process's
-        return out, {k: float(v) * procs for k, v in cost.items()}
+        return out, metrics
 
     # ----------------------------------------------------------------------------------------- update
     @contextlib.contextmanager
@@ -653,10 +661,22 @@ class GRPOTrainer:
         if not (path / "trainable.safetensors").exists():
             raise FileNotFoundError(f"no checkpoint at {path}: expected trainable.safetensors from `flowalign train`")
         saved = json.loads((path / "state.json").read_text())
-        if saved.get("model") not in (None, self.cfg.model):
-            raise ValueError(
-                f"checkpoint {path} trained model {saved['model']!r}, this run loads {self.cfg.model!r}: resume with "
-                f"--model {saved['model']} (model: {saved['model']} in a YAML, model= in the API)"
+        old_cfg = path / "config.yaml"
+        if self.cfg.kl_beta > 0 and self.cfg.kl_form != "exact" and old_cfg.is_file():
+            if "kl_form" not in (yaml.safe_load(old_cfg.read_text()) or {}):
+                logger.warning(
+                    "checkpoint %s predates kl_form: its kl_beta weighed the exact Gaussian KL; this run uses "
+                    "kl_form %r (smaller by sigma - sigma' per sde step): set kl_form: exact to go on as it trained",
+                    path,
+                    self.cfg.kl_form,
+                )
+        if saved.get("model") not in (None, self.cfg.model):  # a moved or downloaded copy is fine; another model not
+            logger.warning(
+                "checkpoint %s was trained on model %r, this run loads %r: fine if that is a copy of the same weights"
+                " (moved, or downloaded); another base model would mix two models",
+                path,
+                saved["model"],
+                self.cfg.model,
             )
         state = load_file(path / "trainable.safetensors")
         missing = set(self.params) ^ set(state)
@@ -737,16 +757,18 @@ class GRPOTrainer:
                 )
             path.write_text("".join(ln + "\n" for ln in kept))
 
-    def _mean_over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Each statistic averaged over the processes that report it (every process holds an equal share of the
-        batch), so the log describes the whole batch, not the main process's part. A collective."""
+    def _over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Each process's statistics combined over the processes that report them, so the log describes the whole
+        batch, not the main process's part: `*_min` / `*_max` as the minimum / maximum, the rest (means over equal
+        shares of the batch) as the mean. A collective."""
         if self.accelerator.num_processes == 1:
             return metrics
         from accelerate.utils import gather_object
 
         parts = gather_object([metrics])
         keys = dict.fromkeys(k for part in parts for k in part)
-        return {k: float(np.mean([part[k] for part in parts if k in part])) for k in keys}
+        combine = {"_min": min, "_max": max}
+        return {k: float(combine.get(k[-4:], np.mean)([part[k] for part in parts if k in part])) for k in keys}
 
     def train_step(self, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -754,19 +776,14 @@ class GRPOTrainer:
         t1 = time.perf_counter()
         rewards = self.score(traj.images, traj.prompts, traj.columns)
         t2 = time.perf_counter()
-        credit, cost = self.assign_credit(traj, rewards)
+        credit, batch_metrics = self.assign_credit(traj, rewards)
         t_credit = time.perf_counter()
         metrics = self.train_on(traj, credit, step)
         t3 = time.perf_counter()
         gathered = self.accelerator.gather(rewards.total.to(self.device)).float().cpu()
-        metrics.update(
-            {
-                "reward/zero_std_frac": credit_lib.zero_variance_fraction(rewards.total, self.group_ids),
-                **{f"reward/{k}": float(v.mean()) for k, v in rewards.raw.items() if k != "total"},
-                **credit_lib.credit_stats(credit),
-            }
-        )
-        metrics = self._mean_over_processes(metrics)
+        metrics.update({f"reward/{k}": float(v.mean()) for k, v in rewards.raw.items() if k != "total"})
+        metrics = self._over_processes(metrics)
+        metrics.update(batch_metrics)
         metrics.update(
             {
                 "reward/mean": float(gathered.mean()),
@@ -775,7 +792,6 @@ class GRPOTrainer:
                 "time/reward": t2 - t1,
                 "time/credit": t_credit - t2,
                 "time/train": t3 - t_credit,
-                **cost,
             }
         )
         return metrics
@@ -819,11 +835,16 @@ class GRPOTrainer:
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
                 if latest.exists():  # a previous run's: `--resume auto` must not pick it up for this one
                     logger.warning(
-                        "%s held a previous run (checkpoints up to %s); this run starts over and overwrites them",
+                        "%s held a previous run (checkpoints up to %s); this run starts over and replaces them",
                         self.out,
                         latest.read_text().strip(),
                     )
                     latest.unlink()
+                # nothing of the previous run may be resumed into this one or mistaken for its log
+                for old in (self.out / "checkpoints").glob("*step_*"):
+                    shutil.rmtree(old, ignore_errors=True)
+                for old in self.out.glob("metrics.after_step_*.jsonl"):
+                    old.unlink()
         if cfg.log_with:  # on the main process only (accelerate); every process may call it
             scalar = (bool, int, float, str, type(None))  # what every tracker's hyperparameter table takes
             hparams = {k: v if isinstance(v, scalar) else json.dumps(v) for k, v in dataclasses.asdict(cfg).items()}

@@ -69,7 +69,7 @@ class Trajectory:
     cond: Conditioning  # B rows
     guidance_scale: float
     noise_level: float
-    sampler: str  # "sde" | "cps"
+    sampler: str  # "sde" | "cps" | "cps_flow_grpo"
     images: Tensor | None = None  # [B, 3, H, W] in [0, 1]
     columns: dict[str, list] = field(default_factory=dict)  # per-sample extras forwarded to rewards
     untrained: str = "ode"  # how the untrained steps ran: "ode" (Euler) | "renoise" (stochastic, see rollout)

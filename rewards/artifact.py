@@ -247,6 +247,10 @@ def split_pairs(
     A clean image and the artifact image made from it (same name in both folders, as in ArtifactReward's 202
     pairs) go to the same side: split apart, the held-out images' near-copies sit in the training set and the
     held-out figures mean little. Unpaired images split per class."""
+    for flag, keys in (("--clean", clean_keys), ("--artifact", artifact_keys)):
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:  # 0001.png and 0001.jpg: which one is the pair of artifact/0001?
+            raise ValueError(f"{flag} holds several images named {twice[0]!r} (other suffixes); rename one")
     a_index = {k: i for i, k in enumerate(artifact_keys)}
     pairs = [(i, a_index[k]) for i, k in enumerate(clean_keys) if k in a_index]
     paired_c, paired_a = {c for c, _ in pairs}, {a for _, a in pairs}

@@ -348,3 +348,10 @@ def test_read_image_handles_16_bit_alpha_and_exif_rotation(tmp_path):
     exif[0x0112] = 6  # orientation: rotate 90 degrees to view
     wide.save(tmp_path / "r.jpg", exif=exif)
     assert read_image(tmp_path / "r.jpg").shape == (3, 6, 4)
+
+
+def test_two_images_of_one_name_in_a_folder_are_refused(tmp_path):
+    clean, artifact = make_dirs(tmp_path, n=4)
+    Image.open(clean / "001.png").convert("RGB").save(clean / "001.jpg")  # which one pairs with artifact/001?
+    with pytest.raises(ValueError, match="several images named '001'"):
+        train_artifact_head(clean, artifact, tmp_path / "h.safetensors", encoder=RandomConvEncoder())

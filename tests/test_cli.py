@@ -311,6 +311,8 @@ def test_bad_input_is_refused_before_anything_loads(tmp_path, monkeypatch, capsy
         api.export("no-such-run", tmp_path / "afile")
     with pytest.raises(ValueError, match="seeds must be a list"):
         api.compare("no-such-run", ["a red circle"], seeds=3)
+    with pytest.raises(FileNotFoundError, match="no flowalign checkpoint"):  # numpy seeds pass, then the run is sought
+        api.compare("no-such-run", ["a red circle"], seeds=np.arange(2))
     with pytest.raises(ValueError, match="not valid YAML"):
         cli.parse_overrides(["--reward", "[{name: x"])
     (tmp_path / "p.txt").write_text("a red circle\na purple hexagon\n")

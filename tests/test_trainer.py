@@ -611,6 +611,9 @@ def test_a_run_directory_is_never_overwritten_or_mixed_without_being_asked(tmp_p
     assert resumed.step == 3
     _trainer(tmp_path / "a", max_steps=1).train(progress=False, overwrite=True)
     assert [json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    left = sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir())
+    assert left == ["latest", "step_000001"], "nothing of the replaced run may be resumed into this one"
+    assert not list((tmp_path / "a").glob("metrics.after_step_*"))
 
 
 def _other_run(tmp_path):
@@ -619,12 +622,41 @@ def _other_run(tmp_path):
     return tmp_path / "other" / "checkpoints"
 
 
-def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
+def test_resume_names_a_checkpoint_of_another_model_and_an_older_kl(tmp_path, caplog):
     trainer = _trainer(tmp_path, max_steps=1)
     trainer.train(progress=False)
-    state = tmp_path / "checkpoints" / "step_000001" / "state.json"
-    saved = json.loads(state.read_text())
+    step = tmp_path / "checkpoints" / "step_000001"
+    saved = json.loads((step / "state.json").read_text())
     assert saved["num_processes"] == 1
-    state.write_text(json.dumps({**saved, "model": "someone/else"}))
-    with pytest.raises(ValueError, match="trained model 'someone/else'.*--model someone/else"):
-        _trainer(tmp_path, max_steps=2).train(resume="auto", progress=False)
+    (step / "state.json").write_text(json.dumps({**saved, "model": "someone/else"}))  # or a moved copy of it
+    config = (step / "config.yaml").read_text()
+    (step / "config.yaml").write_text("".join(ln for ln in config.splitlines(True) if not ln.startswith("kl_form")))
+    with caplog.at_level("WARNING"):
+        _trainer(tmp_path, max_steps=2, kl_beta=0.1).train(resume="auto", progress=False)
+    assert "trained on model 'someone/else', this run loads 'tiny'" in caplog.text
+    assert "predates kl_form" in caplog.text
+
+
+def test_statistics_combine_over_processes_as_their_kind_requires(monkeypatch):
+    """ratio_min / ratio_max are the batch's extremes, not means of each process's."""
+    from types import SimpleNamespace
+
+    import accelerate.utils
+
+    parts = [{"train/ratio_min": 0.5, "train/ratio_max": 2.0, "train/loss": 1.0}, {"train/ratio_min": 0.9,
+             "train/ratio_max": 3.0, "train/loss": 3.0, "train/only_here": 4.0}]  # fmt: skip
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda objs: parts)
+    fake = SimpleNamespace(accelerator=SimpleNamespace(num_processes=2))
+    out = GRPOTrainer._over_processes(fake, parts[0])
+    assert out == {"train/ratio_min": 0.5, "train/ratio_max": 3.0, "train/loss": 2.0, "train/only_here": 4.0}
+
+
+def test_an_older_runs_config_keeps_its_kl_meaning(tmp_path):
+    from flowalign.api import run_config
+    from flowalign.config import load_config, to_yaml
+
+    text = to_yaml(load_config("shapes", {"kl_beta": 0.04}))
+    (tmp_path / "config.yaml").write_text("".join(ln for ln in text.splitlines(True) if not ln.startswith("kl_form")))
+    assert run_config(tmp_path).kl_form == "exact"  # what kl_beta meant when the run was made
+    (tmp_path / "config.yaml").write_text(text)
+    assert run_config(tmp_path).kl_form == "flow_grpo"

@@ -139,7 +139,7 @@ def sample_step(
     """One step x (at sigma) -> x' (at sigma_next): the registered `sampler` step when `stochastic`, else Euler.
 
     Args:
-        sampler: a name in `flowalign.samplers.STEPS` ("sde", "cps").
+        sampler: a name in `flowalign.samplers.STEPS` ("sde", "cps", "cps_flow_grpo").
         velocity, x: [B, ...] model velocity (after guidance) and state.
         noise_level: the sampler's `a`.
         sigma_max: the schedule's second sigma (Flow-GRPO's stand-in at sigma = 1).
@@ -213,7 +213,8 @@ def rollout(
         noise_level: the sampler's `a` (SD3 ~0.7, FLUX ~0.9); 0 makes the sampler's steps deterministic (log-prob
             0): with the default `untrained` that reproduces the stock pipeline (bit for bit for an Euler scheduler;
             for one with `stochastic_sampling`, the same re-noising steps with noise from `generator`).
-        sampler: "sde" (Flow-GRPO) or "cps" (coefficient-preserving) for the stochastic steps.
+        sampler: "sde" (Flow-GRPO), "cps" (coefficient-preserving) or "cps_flow_grpo" (cps with Flow-GRPO's
+            constant-free log-prob) for the stochastic steps.
         sde_steps: indices of stochastic steps (default all but the last; see `sde_window` for Flow-GRPO-Fast);
             their log-probs are recorded and they are the steps training replays.
         untrained: how the other steps (and, at noise_level 0, every step) run: "ode" (Euler) or "renoise" (every

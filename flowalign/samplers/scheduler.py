@@ -76,10 +76,11 @@ class FlowGRPOScheduler(FlowMatchEulerDiscreteScheduler):
 
     Schedules (`set_timesteps`, shifting, `mu`) are inherited unchanged, and so is `stochastic_sampling`: with it,
     the steps that do not explore re-noise as the stock step does. Extra attributes, not part of the saved config:
-    `noise_level`, `sampler` ("sde" | "cps"), `sde_steps` (indices of stochastic steps; None = all but the last),
-    `generator` (noise for the stochastic steps; a `generator=` passed to `step` wins). Put the stock scheduler
-    back before `pipe.save_pretrained` (`FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)`): a
-    saved pipeline names its scheduler's class, and diffusers loads only its own.
+    `noise_level`, `sampler` ("sde" | "cps" | "cps_flow_grpo"), `sde_steps` (indices of stochastic steps; None =
+    all but the last), `generator` (noise for the stochastic steps; a `generator=` passed to `step` wins). Put
+    the stock scheduler back before `pipe.save_pretrained`
+    (`FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)`): a saved pipeline names its scheduler's
+    class, and diffusers loads only its own.
     """
 
     noise_level: float = 0.7
