@@ -56,11 +56,15 @@ def banner(trainer) -> str:
     n_train = cfg.sde_window or cfg.num_steps - 1
     window = ""
     if cfg.sde_window:
-        window = (
-            f" in a window sliding {cfg.sde_window_stride} every {cfg.sde_window_shift_every} steps"
-            if cfg.sde_window_shift_every
-            else " in a random window"
-        )
+        from flowalign.samplers.rollout import window_starts
+
+        starts = window_starts(cfg.num_steps, cfg.sde_window, cfg.sde_window_max_start)
+        if len(starts) == 1:
+            window = f" (steps {starts[0]}..{starts[0] + cfg.sde_window - 1})"
+        elif cfg.sde_window_shift_every:
+            window = f" in a window sliding {cfg.sde_window_stride} every {cfg.sde_window_shift_every} steps"
+        else:
+            window = f" in a random window starting at 0..{starts[-1]}"
     per_step = cfg.batch_size * cfg.inner_epochs // cfg.train_batch_size
     lines = [
         f"flowalign train  model={cfg.model}  reward={trainer.reward_name}  credit={cfg.credit}"

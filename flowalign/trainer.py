@@ -806,8 +806,9 @@ class GRPOTrainer:
         """Runs to `max_steps` (or until `stop(record)` says so, for budgeted benchmarks); returns the records
         written this call. The last step is always evaluated and checkpointed. `resume`: a checkpoint (step dir,
         checkpoints dir or run dir), or "auto": this output_dir's latest checkpoint if it has one, else a fresh
-        start. An output_dir holding another run is refused unless `overwrite` (its log and checkpoints are
-        replaced): a fresh start there, or a resume from a checkpoint outside it, would mix or erase that run."""
+        start. A checkpoint of another run forks it: this output_dir's log starts with that run's up to the
+        checkpoint. An output_dir holding another run is refused unless `overwrite` (its log and checkpoints are
+        replaced): a fresh start there, or a fork into it, would mix or erase that run."""
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -829,9 +830,9 @@ class GRPOTrainer:
         if self.accelerator.is_main_process:
             (self.out / "config.yaml").write_text(to_yaml(cfg))
             latest = self.out / "checkpoints" / "latest"
-            if resume:
+            if resume and here:
                 self._truncate_metrics()
-            else:
+            else:  # a fresh start, or a fork from another run's checkpoint: this directory starts over
                 (self.out / "metrics.jsonl").unlink(missing_ok=True)
                 if latest.exists():  # a previous run's: `--resume auto` must not pick it up for this one
                     logger.warning(
@@ -845,6 +846,13 @@ class GRPOTrainer:
                     shutil.rmtree(old, ignore_errors=True)
                 for old in self.out.glob("metrics.after_step_*.jsonl"):
                     old.unlink()
+                if resume:  # a fork starts its log with its source's up to the checkpoint (the step-0 baseline too)
+                    step_dir = self.loaded_from[0]
+                    source = step_dir.parent.parent / "metrics.jsonl"
+                    if step_dir.parent.name == "checkpoints" and source.is_file():
+                        lines = [ln for ln in source.read_text().splitlines() if ln]
+                        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+                        (self.out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
         if cfg.log_with:  # on the main process only (accelerate); every process may call it
             scalar = (bool, int, float, str, type(None))  # what every tracker's hyperparameter table takes
             hparams = {k: v if isinstance(v, scalar) else json.dumps(v) for k, v in dataclasses.asdict(cfg).items()}

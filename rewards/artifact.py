@@ -3,7 +3,9 @@
 The seed paper's "lightweight, adaptive" artifact model (ALGORITHMS.md section 4): the user curates a small
 set of artifact-free and artifact-containing images, the toolkit embeds them once with a frozen encoder and
 fits logistic regression (or a 1-hidden-layer MLP) on the standardised features, reporting held-out
-accuracy. The saved head then serves as the `artifact_head` reward: p(clean), higher = fewer artifacts.
+accuracy and ranking (AUC; pairwise accuracy over matched pairs, which the split keeps together). The file also
+holds the encoder's features of a fixed probe image, so the reward refuses another encoder. The saved head then
+serves as the `artifact_head` reward: p(clean), higher = fewer artifacts.
 
     flowalign artifact train --clean DIR --artifact DIR --out HEAD.safetensors [--encoder clip --model ID]
 

@@ -660,3 +660,14 @@ def test_an_older_runs_config_keeps_its_kl_meaning(tmp_path):
     assert run_config(tmp_path).kl_form == "exact"  # what kl_beta meant when the run was made
     (tmp_path / "config.yaml").write_text(text)
     assert run_config(tmp_path).kl_form == "flow_grpo"
+
+
+def test_a_fork_starts_its_log_with_its_source_run(tmp_path):
+    _trainer(tmp_path / "src", max_steps=2, save_every=1).train(progress=False)
+    source = [json.loads(x) for x in (tmp_path / "src" / "metrics.jsonl").read_text().splitlines()]
+    fork = _trainer(tmp_path / "fork", max_steps=3)
+    fork.train(resume=tmp_path / "src" / "checkpoints" / "step_000001", progress=False)
+    log = [json.loads(x) for x in (tmp_path / "fork" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [0, 1, 2, 3]
+    assert log[:2] == source[:2], "the source's step-0 baseline and step 1, as they were logged"
+    assert (tmp_path / "src" / "metrics.jsonl").read_text().count("\n") == 3, "the source run is left alone"

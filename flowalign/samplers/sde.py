@@ -1,4 +1,5 @@
-"""Stochastic flow-matching steps with exact Gaussian log-probabilities (pure torch, fp32).
+"""Stochastic flow-matching steps with exact Gaussian log-probabilities (pure torch, fp32); `cps_flow_grpo` keeps
+Flow-GRPO's constant-free cps log-prob instead.
 
 Each step maps x at sigma to x' at sigma_next (< sigma). Passing `prev_sample` replays a recorded step:
 the same function then returns the log-prob of that x' under the current velocity, which is how
