@@ -19,8 +19,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from flowalign.config import TrainConfig, load_config, load_prompt_set
-from flowalign.trainer import GRPOTrainer, Rewards, check_trackers, evenly_spaced, make_accelerator
+from flowalign.config import TrainConfig, load_config, load_prompt_set, load_run_config
+from flowalign.trainer import (
+    GRPOTrainer,
+    Rewards,
+    check_trackers,
+    checkpoint_dir,
+    evenly_spaced,
+    make_accelerator,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +73,14 @@ def recommended_sampling(model: str) -> dict[str, Any]:
     if "stochastic_sampling" in rec:
         fields["eval_sampler"] = "renoise" if rec["stochastic_sampling"] else "ode"
     return fields
+
+
+def require_empty_dir(path: str | Path, fix: str) -> None:
+    """Outputs go into a new or empty directory, checked before any work: nothing earlier is overwritten or left
+    beside the new files. `fix` ends the error (what to do instead)."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty directory; {fix}")
 
 
 def build_adapter(cfg: TrainConfig, device: torch.device | str | None = None):
@@ -247,7 +262,7 @@ def load_run(checkpoint: str | Path, *, keep_reference: bool = False, **override
     of its checkpoint (`checkpoint_dir` resolves a run dir), EMA ones where the run kept them; for evaluating,
     sampling or comparing the run. `keep_reference`: a full fine-tune also keeps its base model (for `compare`)."""
     ckpt = checkpoint_dir(checkpoint)
-    trainer = build_trainer(run_config(ckpt, overrides), training=False, keep_reference=keep_reference)
+    trainer = build_trainer(load_run_config(ckpt, overrides), training=False, keep_reference=keep_reference)
     trainer.load(ckpt)
     return trainer
 
@@ -263,7 +278,7 @@ def evaluate(config: str | None = None, *, checkpoint: str | Path | None = None,
         raise ValueError("give a config (evaluates its base model) or a checkpoint (uses its run's config), not both")
     if checkpoint is not None:
         ckpt = checkpoint_dir(checkpoint)
-        cfg = run_config(ckpt, overrides)
+        cfg = load_run_config(ckpt, overrides)
     else:
         cfg = load_config(config or "shapes", overrides)
     if cfg.num_eval_prompts < 1:  # before any model loads
@@ -294,18 +309,16 @@ def compare(
         prompt_list, columns = load_prompt_set(prompts) if isinstance(prompts, str) else (list(prompts), {})
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err} (for captions, pass a list: prompts=[{prompts!r}])") from None
-    if isinstance(seeds, numbers.Integral) or not isinstance(seeds, Iterable):
+    listed = list(seeds) if isinstance(seeds, Iterable) and not isinstance(seeds, str) else [None]
+    if not all(isinstance(s, numbers.Integral) and s >= 0 for s in listed):
         raise ValueError(f"seeds must be a list of integers >= 0, e.g. seeds=range(4); got {seeds!r}")
-    seeds = list(seeds)
-    if not all(isinstance(s, numbers.Integral) and s >= 0 for s in seeds):
-        raise ValueError(f"seeds must be a list of integers >= 0, e.g. seeds=range(4); got {seeds!r}")
-    seeds = [int(s) for s in seeds]
+    seeds = [int(s) for s in listed]
     if not prompt_list or not seeds:
         raise ValueError("compare needs at least one prompt and one seed")
     if path is None or str(path).strip() == "":
         raise ValueError("compare needs path=: where to write the PNG")
     trainer = load_run(checkpoint, keep_reference=True, **overrides)
-    rows = comparison_rows(trainer, prompt_list, list(seeds))
+    rows = comparison_rows(trainer, prompt_list, seeds)
     if trainer.accelerator.is_main_process:
         write_grid(trainer, rows, prompt_list, path, columns=columns)
     return Path(path)
@@ -316,13 +329,11 @@ def export(checkpoint: str | Path, out: str | Path, *, merged: bool = False, dty
     whole pipeline (`from_pretrained(out)`): its EMA weights where it kept them. Returns `flowalign.export.Export`,
     whose `usage` is the Python that loads it (also in out/export.json); None on processes other than the main one.
     See `flowalign.export`."""
-    from flowalign.export import check_out, export_run
+    from flowalign.export import check_request, export_run
 
     if out is None or str(out).strip() == "":
         raise ValueError("export needs out=: a new directory for the exported model")
-    check_out(out)
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_request(out, dtype)
     # nothing trains: no compiled wrapper around the transformer, no KL copy of a full fine-tune's base
     trainer = load_run(checkpoint, compile=False, kl_beta=0.0)
     result = None
@@ -330,30 +341,3 @@ def export(checkpoint: str | Path, out: str | Path, *, merged: bool = False, dty
         result = export_run(trainer, out, merged=merged, dtype=dtype)
     trainer.accelerator.wait_for_everyone()
     return result
-
-
-# Fields added after runs were first written, with the value that gives an older run's config.yaml (which lacks
-# them) its old meaning: kl_beta was the exact Gaussian KL before kl_form existed.
-LEGACY_DEFAULTS = {"kl_form": "exact"}
-
-
-def run_config(checkpoint: Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """The config a checkpoint was trained with (its config.yaml), plus overrides."""
-    from flowalign.config import make_config, read_yaml
-
-    values = read_yaml(str(checkpoint / "config.yaml"))
-    values = {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in values}, **values, **(overrides or {})}
-    return make_config(values)
-
-
-def checkpoint_dir(path: str | Path) -> Path:
-    """Resolves a run dir, its checkpoints dir or a step dir to a step dir."""
-    path = Path(path)
-    for cand in (path, path / "checkpoints"):
-        if (cand / "latest").exists():
-            return cand / (cand / "latest").read_text().strip()
-    if (path / "trainable.safetensors").exists():
-        return path
-    raise FileNotFoundError(
-        f"no flowalign checkpoint under {path} (expected checkpoints/latest or trainable.safetensors)"
-    )

@@ -162,10 +162,18 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError(f"--n must be >= 1 and --seed >= 0, got --n {args.n} --seed {args.seed}")
     if args.checkpoint and args.model != DEFAULT_SAMPLE_MODEL:
         raise ValueError("--model and --checkpoint both name the model: a checkpoint samples its run's own model")
+    from flowalign.api import (
+        build_trainer,
+        comparison_rows,
+        load_run,
+        recommended_sampling,
+        require_empty_dir,
+        write_grid,
+    )
+
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.overwrite:
-        raise ValueError(f"--out {str(out)!r} is not an empty directory: name a new one, or add --overwrite")
-    from flowalign.api import build_trainer, comparison_rows, load_run, recommended_sampling, write_grid
+    if not args.overwrite:
+        require_empty_dir(out, "name a new --out, or add --overwrite")
 
     overrides = parse_overrides(extra)
     if args.checkpoint:

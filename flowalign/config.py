@@ -34,6 +34,28 @@ TRACKERS = {
 }
 
 
+# Integer fields -> (least allowed value, what that value means); None (where a field allows it) is not checked.
+MINIMUMS = {
+    "train_batch_size": (1, ""),
+    "grad_accum": (1, ""),
+    "inner_epochs": (1, ""),
+    "eval_batch_size": (1, ""),
+    "sde_window_stride": (1, ""),
+    "height": (1, "pixels; null = the model's"),
+    "width": (1, "pixels; null = the model's"),
+    "keep_checkpoints": (0, "0 keeps all"),
+    "lora_rank": (0, "0 = full fine-tuning"),
+    "num_eval_prompts": (0, "0 = no evaluation"),
+    "sde_window_shift_every": (0, "0 = a random window each step"),
+    "warmup_steps": (0, ""),
+    "save_every": (0, ""),
+    "eval_every": (0, ""),
+    "seed": (0, ""),
+    "eval_seed": (0, ""),
+    "grid_prompts": (0, ""),
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Every knob of a GRPO run. Batch sizes: B = prompts_per_step * group_size samples per step."""
@@ -152,11 +174,10 @@ class TrainConfig:
             )
         if self.prompts_per_step < 1 or self.max_steps < 0 or self.num_steps < 2 or self.eval_num_steps < 1:
             raise ValueError("prompts_per_step >= 1, max_steps >= 0, num_steps >= 2 and eval_num_steps >= 1 required")
-        if self.keep_checkpoints < 0:
-            raise ValueError(f"keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
-        for name in ("train_batch_size", "grad_accum", "inner_epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name, (least, meaning) in MINIMUMS.items():
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be >= {least}{f' ({meaning})' if meaning else ''}, got {value}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), e.g. 0.9,0.999; got {self.adam_betas}")
         if self.batch_size % self.train_batch_size:
@@ -166,8 +187,6 @@ class TrainConfig:
             )
         if not self.output_dir.strip():
             raise ValueError("output_dir must name a directory, got an empty string")
-        if self.lora_rank < 0:
-            raise ValueError(f"lora_rank must be >= 0 (0 = full fine-tuning), got {self.lora_rank}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1) (0 = no EMA), got {self.ema_decay}")
         if not (self.clip_range > 0 and math.isfinite(self.clip_range)):
@@ -176,33 +195,16 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-        for name in ("warmup_steps", "save_every", "eval_every", "seed", "eval_seed", "grid_prompts"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.num_eval_prompts < 0:
-            raise ValueError(f"num_eval_prompts must be >= 0 (0 = no evaluation), got {self.num_eval_prompts}")
         if self.device is not None and self.device.split(":")[0] not in DEVICE_TYPES:
             raise ValueError(
                 f"device must be one of {', '.join(DEVICE_TYPES)} (optionally with :N) or null, got {self.device!r}"
             )
-        for name in ("height", "width"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(
-                    f"{name} must be a positive number of pixels (or null for the model's), got {getattr(self, name)}"
-                )
-        if self.eval_batch_size < 1:
-            raise ValueError(f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
         if self.min_noise_std < 0:
             raise ValueError(f"min_noise_std must be >= 0, got {self.min_noise_std}")
         if not 0 <= self.lora_min_sigma <= 1 or (self.lora_min_sigma > 0 and self.lora_rank <= 0):
             raise ValueError(f"lora_min_sigma must be in [0, 1] and needs lora_rank > 0, got {self.lora_min_sigma}")
         if self.sde_window >= self.num_steps:
             raise ValueError(f"sde_window ({self.sde_window}) must be < num_steps ({self.num_steps}); 0 = all steps")
-        if self.sde_window_shift_every < 0 or self.sde_window_stride < 1:
-            raise ValueError(
-                f"sde_window_shift_every must be >= 0 and sde_window_stride >= 1, got {self.sde_window_shift_every}"
-                f" and {self.sde_window_stride}"
-            )
         if self.sde_window_shift_every and not self.sde_window:
             raise ValueError("sde_window_shift_every slides an sde_window: set sde_window > 0 too")
         if self.mixed_precision == "fp16":
@@ -302,6 +304,20 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     cfg.validate()
     return cfg
+
+
+# Fields added after runs were first written, with the value that gives an older run's config.yaml (which lacks
+# them) its old meaning: kl_beta was the exact Gaussian KL before kl_form existed.
+LEGACY_DEFAULTS = {"kl_form": "exact"}
+
+
+def load_run_config(checkpoint: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The config a checkpoint step directory was trained with (its config.yaml, read with `LEGACY_DEFAULTS` for
+    fields it predates), plus overrides."""
+    values = read_yaml(str(Path(checkpoint) / "config.yaml"))
+    return make_config(
+        {**{k: v for k, v in LEGACY_DEFAULTS.items() if k not in values}, **values, **(overrides or {})}
+    )
 
 
 def preset_names() -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from flowalign.api import DTYPES
+from flowalign.api import DTYPES, require_empty_dir
 from flowalign.trainer import GRPOTrainer
 
 
@@ -87,11 +87,11 @@ def _usage(kind: str, path: Path, trainer: GRPOTrainer, sampling: dict, dtype: s
     return "\n".join(lines)
 
 
-def check_out(out: str | Path) -> None:
-    """An export goes into a new or empty directory: refused before anything loads, never half-written over."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} exists and is not an empty directory; export into a new directory")
+def check_request(out: str | Path, dtype: str | None) -> None:
+    """What an export can check before any model loads: a new or empty `out`, a known `dtype`."""
+    require_empty_dir(out, "export into a new directory")
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
 
 
 def export_run(trainer: GRPOTrainer, out: str | Path, *, merged: bool = False, dtype: str | None = None) -> Export:
@@ -103,8 +103,7 @@ def export_run(trainer: GRPOTrainer, out: str | Path, *, merged: bool = False, d
     """
     cfg, out = trainer.cfg, Path(out)
     lora = cfg.lora_rank > 0
-    if dtype is not None and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_request(out, dtype)
     if merged and lora and cfg.lora_min_sigma > 0:
         raise ValueError(
             f"this run's LoRA acts only at sigma >= {cfg.lora_min_sigma} (lora_min_sigma), which a merged model "
@@ -114,7 +113,6 @@ def export_run(trainer: GRPOTrainer, out: str | Path, *, merged: bool = False, d
         merged = False  # a full fine-tune is already a whole model
     if dtype is not None and lora and not merged:
         raise ValueError("dtype applies to a saved pipeline (merged or a full fine-tune), not to a LoRA file")
-    check_out(out)
     pipe, transformer = trainer.adapter.pipe, trainer.adapter.transformer
     kind = "lora" if lora and not merged else "pipeline"
     with trainer.ema_weights():

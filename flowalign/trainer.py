@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from flowalign import credit as credit_lib
-from flowalign.config import TrainConfig, to_yaml
+from flowalign.config import LEGACY_DEFAULTS, TrainConfig, to_yaml
 from flowalign.lora_window import limit_lora
 from flowalign.losses import policy_step_loss
 from flowalign.samplers.rollout import (
@@ -100,6 +100,28 @@ def evenly_spaced(items: list, n: int) -> list:
     if n >= len(items):
         return [items[i % len(items)] for i in range(n)] if items else []
     return [items[(i * len(items)) // n] for i in range(n)]
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """Resolves a run dir, its checkpoints dir or a step dir to a step dir."""
+    path = Path(path)
+    for cand in (path, path / "checkpoints"):
+        if (cand / "latest").exists():
+            return cand / (cand / "latest").read_text().strip()
+    if (path / "trainable.safetensors").exists():
+        return path
+    raise FileNotFoundError(
+        f"no flowalign checkpoint under {path} (expected checkpoints/latest or trainable.safetensors)"
+    )
+
+
+def split_log(path: Path, step: int) -> tuple[str, str]:
+    """A metrics log's text up to and including `step`, and after it."""
+    upto, after = [], []
+    for line in path.read_text().splitlines():
+        if line:
+            (upto if json.loads(line).get("step", 0) <= step else after).append(line + "\n")
+    return "".join(upto), "".join(after)
 
 
 def make_accelerator(cfg: TrainConfig, *, track: bool = True) -> Accelerator:
@@ -651,18 +673,13 @@ class GRPOTrainer:
                 shutil.rmtree(old)
         return final
 
-    def load(self, path: str | Path) -> None:
-        """Restores a checkpoint written by `save` (a step directory or the checkpoints root)."""
-        path = Path(path)
-        if (path / "checkpoints" / "latest").exists():  # a run directory
-            path = path / "checkpoints"
-        if (path / "latest").exists():
-            path = path / (path / "latest").read_text().strip()
-        if not (path / "trainable.safetensors").exists():
-            raise FileNotFoundError(f"no checkpoint at {path}: expected trainable.safetensors from `flowalign train`")
+    def load(self, path: str | Path) -> tuple[Path, dict[str, Any]]:
+        """Restores a checkpoint written by `save` (a run, checkpoints or step directory); returns its step
+        directory and saved state (step, model, process count)."""
+        path = checkpoint_dir(path)
         saved = json.loads((path / "state.json").read_text())
         old_cfg = path / "config.yaml"
-        if self.cfg.kl_beta > 0 and self.cfg.kl_form != "exact" and old_cfg.is_file():
+        if self.cfg.kl_beta > 0 and self.cfg.kl_form != LEGACY_DEFAULTS["kl_form"] and old_cfg.is_file():
             if "kl_form" not in (yaml.safe_load(old_cfg.read_text()) or {}):
                 logger.warning(
                     "checkpoint %s predates kl_form: its kl_beta weighed the exact Gaussian KL; this run uses "
@@ -712,11 +729,10 @@ class GRPOTrainer:
             )
         torch.set_rng_state(load_file(path / "rng.safetensors")["torch_cpu"])
         self.step = saved["step"]
-        self.loaded_from = (path, saved.get("num_processes", self.accelerator.num_processes))
+        return path, saved
 
-    def _warn_process_count(self) -> None:
+    def _warn_process_count(self, path: Path, procs: int) -> None:
         """A resumed run on another number of processes goes on with another batch (it is per process)."""
-        path, procs = self.loaded_from
         if procs != self.accelerator.num_processes:
             logger.warning(
                 "checkpoint %s was trained on %d processes, this run has %d: each step now draws %d samples instead"
@@ -742,12 +758,11 @@ class GRPOTrainer:
         `metrics.after_step_N.jsonl`, not lost."""
         path = self.out / "metrics.jsonl"
         if path.exists() and self.accelerator.is_main_process:
-            lines = [ln for ln in path.read_text().splitlines() if ln]
-            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+            kept, dropped = split_log(path, self.step)
             later = sorted(int(d.name.removeprefix("step_")) for d in (self.out / "checkpoints").glob("step_*"))
             if later and later[-1] > self.step:
                 aside = self.out / f"metrics.after_step_{self.step}.jsonl"
-                aside.write_text("".join(ln + "\n" for ln in lines if ln not in kept))
+                aside.write_text(dropped)
                 logger.warning(
                     "resuming at step %d of a run checkpointed up to step %d: its log after step %d is in %s",
                     self.step,
@@ -755,7 +770,7 @@ class GRPOTrainer:
                     self.step,
                     aside,
                 )
-            path.write_text("".join(ln + "\n" for ln in kept))
+            path.write_text(kept)
 
     def _over_processes(self, metrics: dict[str, float]) -> dict[str, float]:
         """Each process's statistics combined over the processes that report them, so the log describes the whole
@@ -823,9 +838,9 @@ class GRPOTrainer:
                 f"{self.out} holds another run ({'its checkpoints' if resume else 'metrics.jsonl'}): continue it with "
                 "--resume auto, write this one elsewhere with --output-dir DIR, or replace it with --overwrite"
             )
-        if resume:
-            self.load(resume)  # first: a checkpoint that does not fit leaves the run's files as they were
-            self._warn_process_count()
+        if resume:  # first: a checkpoint that does not fit leaves the run's files as they were
+            step_dir, saved = self.load(resume)
+            self._warn_process_count(step_dir, saved.get("num_processes", self.accelerator.num_processes))
         self.out.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
             (self.out / "config.yaml").write_text(to_yaml(cfg))
@@ -846,13 +861,10 @@ class GRPOTrainer:
                     shutil.rmtree(old, ignore_errors=True)
                 for old in self.out.glob("metrics.after_step_*.jsonl"):
                     old.unlink()
-                if resume:  # a fork starts its log with its source's up to the checkpoint (the step-0 baseline too)
-                    step_dir = self.loaded_from[0]
-                    source = step_dir.parent.parent / "metrics.jsonl"
-                    if step_dir.parent.name == "checkpoints" and source.is_file():
-                        lines = [ln for ln in source.read_text().splitlines() if ln]
-                        kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
-                        (self.out / "metrics.jsonl").write_text("".join(ln + "\n" for ln in kept))
+                source = step_dir.parent.parent / "metrics.jsonl" if resume else None
+                if source is not None and step_dir.parent.name == "checkpoints" and source.is_file():
+                    # a fork starts its log with its source's up to the checkpoint (the step-0 baseline too)
+                    (self.out / "metrics.jsonl").write_text(split_log(source, self.step)[0])
         if cfg.log_with:  # on the main process only (accelerate); every process may call it
             scalar = (bool, int, float, str, type(None))  # what every tracker's hyperparameter table takes
             hparams = {k: v if isinstance(v, scalar) else json.dumps(v) for k, v in dataclasses.asdict(cfg).items()}

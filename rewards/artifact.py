@@ -256,15 +256,11 @@ def split_pairs(
     a_index = {k: i for i, k in enumerate(artifact_keys)}
     pairs = [(i, a_index[k]) for i, k in enumerate(clean_keys) if k in a_index]
     paired_c, paired_a = {c for c, _ in pairs}, {a for _, a in pairs}
-    tr_p, va_p = split_indices(len(pairs), val_fraction, generator) if pairs else ([], [])
+    tr_p, va_p = split_indices(len(pairs), val_fraction, generator)
     lone_c = [i for i in range(len(clean_keys)) if i not in paired_c]
     lone_a = [i for i in range(len(artifact_keys)) if i not in paired_a]
-    tr_c, va_c = (
-        split_indices(len(lone_c), val_fraction, generator) if len(lone_c) > 1 else (list(range(len(lone_c))), [])
-    )
-    tr_a, va_a = (
-        split_indices(len(lone_a), val_fraction, generator) if len(lone_a) > 1 else (list(range(len(lone_a))), [])
-    )
+    tr_c, va_c = split_indices(len(lone_c), val_fraction, generator)
+    tr_a, va_a = split_indices(len(lone_a), val_fraction, generator)
     held = [pairs[i] for i in va_p]
     return (
         [pairs[i][0] for i in tr_p] + [lone_c[i] for i in tr_c],
@@ -357,11 +353,9 @@ def fit_head(
     return head.eval().requires_grad_(False)
 
 
-def _accuracy(head: ArtifactHead, x: Tensor, y: Tensor) -> float | None:
-    if len(y) == 0:
-        return None
-    with torch.no_grad():
-        return float(((head(x) > 0).float() == y).float().mean())
+def _accuracy(logits: Tensor, y: Tensor) -> float | None:
+    """Threshold accuracy of logits of "clean" against labels (1 = clean); None for no images."""
+    return float(((logits > 0).float() == y).float().mean()) if len(y) else None
 
 
 def train_artifact_head(
@@ -460,10 +454,10 @@ def train_artifact_head(
         n_artifact=len(artifact_files),
         n_train=len(train_idx),
         n_val=len(val_idx),
-        train_accuracy=float(_accuracy(head, feats[train_idx], labels[train_idx])),
-        val_accuracy=_accuracy(head, feats[val_idx], labels[val_idx]),
-        val_accuracy_clean=_accuracy(head, feats[val_c], labels[val_c]),
-        val_accuracy_artifact=_accuracy(head, feats[val_a], labels[val_a]),
+        train_accuracy=float(_accuracy(logits[train_idx], labels[train_idx])),
+        val_accuracy=_accuracy(logits[val_idx], labels[val_idx]),
+        val_accuracy_clean=_accuracy(logits[val_c], labels[val_c]),
+        val_accuracy_artifact=_accuracy(logits[val_a], labels[val_a]),
         val_auc=ranking_accuracy(logits[val_c], logits[val_a]),
         val_pair_accuracy=pair_acc,
         n_val_pairs=len(held_pairs),

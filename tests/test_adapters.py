@@ -350,7 +350,7 @@ def test_config_image_size_reaches_the_adapter(tmp_path, tiny_sd3):
     assert traj.images.shape == (2, 3, 48, 64)
     default = build_adapter(load_config(None, {"model": str(tmp_path), "max_sequence_length": MSL}))
     assert (default.height, default.width) == (32, 32)  # the pipeline's own default size
-    with pytest.raises(ValueError, match="height must be a positive"):
+    with pytest.raises(ValueError, match="height must be >= 1"):
         load_config(None, {"height": 0})
 
 

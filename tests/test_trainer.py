@@ -506,7 +506,7 @@ def test_sliding_window_moves_every_n_steps_and_trains_only_its_steps(tmp_path):
     assert [strided._sde_steps(s) for s in range(5)] == [[0], [0], [2], [2], [2]]
     with pytest.raises(ValueError, match="set sde_window > 0"):
         _trainer(tmp_path, sde_window_shift_every=2)
-    with pytest.raises(ValueError, match="sde_window_stride >= 1"):
+    with pytest.raises(ValueError, match="sde_window_stride must be >= 1"):
         _trainer(tmp_path, sde_window=1, sde_window_shift_every=2, sde_window_stride=0)
 
 
@@ -652,14 +652,13 @@ def test_statistics_combine_over_processes_as_their_kind_requires(monkeypatch):
 
 
 def test_an_older_runs_config_keeps_its_kl_meaning(tmp_path):
-    from flowalign.api import run_config
-    from flowalign.config import load_config, to_yaml
+    from flowalign.config import load_config, load_run_config, to_yaml
 
     text = to_yaml(load_config("shapes", {"kl_beta": 0.04}))
     (tmp_path / "config.yaml").write_text("".join(ln for ln in text.splitlines(True) if not ln.startswith("kl_form")))
-    assert run_config(tmp_path).kl_form == "exact"  # what kl_beta meant when the run was made
+    assert load_run_config(tmp_path).kl_form == "exact"  # what kl_beta meant when the run was made
     (tmp_path / "config.yaml").write_text(text)
-    assert run_config(tmp_path).kl_form == "flow_grpo"
+    assert load_run_config(tmp_path).kl_form == "flow_grpo"
 
 
 def test_a_fork_starts_its_log_with_its_source_run(tmp_path):

@@ -23,6 +23,12 @@ def check_scheduler(scheduler: Any) -> None:
         raise ValueError("invert_sigmas schedules (sigma rising to 1) are not supported by flowalign's samplers")
 
 
+def stock_untrained(scheduler: Any) -> str:
+    """How the stock scheduler runs a step that does not explore, in `rollout`'s terms: "renoise" where its config
+    has `stochastic_sampling`, else "ode"."""
+    return "renoise" if scheduler.config.get("stochastic_sampling", False) else "ode"
+
+
 class PipelineAdapter:
     """Base of the adapters: holds the stock pipeline, whose `transformer` is looked up on every call (so a LoRA
     injected into it, or a peft wrapper assigned to `adapter.transformer` / `pipe.transformer`, is what runs)."""
@@ -47,7 +53,7 @@ class PipelineAdapter:
     @property
     def untrained_default(self) -> str:
         """How the stock pipeline runs a step: "renoise" where its scheduler has `stochastic_sampling`, else "ode"."""
-        return "renoise" if self.pipe.scheduler.config.get("stochastic_sampling", False) else "ode"
+        return stock_untrained(self.pipe.scheduler)
 
     def _image_size(self, height: int | None, width: int | None, multiple: int, why: str) -> tuple[int, int]:
         """(height, width) in pixels, defaulting to the pipeline's own default size, checked to be multiples."""

@@ -33,6 +33,7 @@ __all__ = [
     "replay_step",
     "rollout",
     "sample_step",
+    "scheduled_step",
     "sde_mask",
     "sde_window",
     "sliding_window_start",
@@ -185,6 +186,40 @@ def sample_step(
     return out
 
 
+def scheduled_step(
+    sampler: str,
+    velocity: Tensor,
+    x: Tensor,
+    sigmas: Tensor,
+    k: int,
+    *,
+    noise_level: float,
+    stochastic: bool,
+    untrained: str,
+    generator: Generator | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> StepOutput:
+    """Step k of the schedule `sigmas` [T+1] as `rollout` and the stock-pipeline door run it: the `sampler` step where
+    it explores (`stochastic` at a noise level above 0), else the `untrained` way: "renoise" (all but the last step
+    re-noise the predicted clean image, the cps step at a=1 = diffusers' `stochastic_sampling`) or "ode" (Euler).
+    Only an exploring step keeps its log-prob; the others get 0."""
+    explores = stochastic and noise_level > 0
+    renoise = not explores and untrained == "renoise" and k < len(sigmas) - 2
+    out = sample_step(
+        "cps" if renoise else sampler,
+        velocity,
+        x,
+        sigmas[k],
+        sigmas[k + 1],
+        noise_level=1.0 if renoise else noise_level,
+        sigma_max=sigmas[1],
+        stochastic=stochastic or renoise,
+        generator=generator,
+        out_dtype=out_dtype,
+    )
+    return out if explores else replace(out, log_prob=torch.zeros_like(out.log_prob))
+
+
 @torch.no_grad()
 def rollout(
     adapter: FlowAdapter,
@@ -270,25 +305,21 @@ def rollout(
     log_probs = torch.zeros(batch, num_steps, dtype=torch.float32, device=x.device)
     for k in range(num_steps):
         v = adapter.velocity(x, sigmas[k], cond, guidance_scale)
-        trained = bool(mask[k])
-        explores = trained and noise_level > 0
-        renoise = not explores and untrained == "renoise" and k < num_steps - 1
-        out = sample_step(
-            "cps" if renoise else sampler,
+        out = scheduled_step(
+            sampler,
             v,
             x,
-            sigmas[k],
-            sigmas[k + 1],
-            noise_level=1.0 if renoise else noise_level,
-            sigma_max=sigmas[1],
-            stochastic=trained or renoise,
+            sigmas,
+            k,
+            noise_level=noise_level,
+            stochastic=bool(mask[k]),
+            untrained=untrained,
             generator=generator,
             out_dtype=x.dtype,
         )
         x = out.prev_sample
         states.append(x)
-        if explores:
-            log_probs[:, k] = out.log_prob
+        log_probs[:, k] = out.log_prob
     images = adapter.decode(x) if decode else None
     return Trajectory(
         prompts=prompts,

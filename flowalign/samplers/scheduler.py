@@ -23,8 +23,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from torch import Tensor
 
-from flowalign.adapters.base import check_scheduler
-from flowalign.samplers.rollout import sample_step, sde_mask
+from flowalign.adapters.base import check_scheduler, stock_untrained
+from flowalign.samplers.rollout import scheduled_step, sde_mask
 from flowalign.samplers.sde import STEPS
 from flowalign.types import Conditioning, Trajectory
 
@@ -162,26 +162,22 @@ class FlowGRPOScheduler(FlowMatchEulerDiscreteScheduler):
             self._first = k
             self._latents.append(sample.detach())
         stochastic = self._is_stochastic(k)
-        sigmas = self.sigmas.float()
-        # The other steps run as the stock scheduler would: Euler, or re-noising where `stochastic_sampling` is set
-        # (the cps step at a = 1; as in `rollout`, a step at noise level 0 is one of them).
-        explores = stochastic and self.noise_level > 0
-        renoise = not explores and self.config.get("stochastic_sampling", False) and k < len(sigmas) - 2
-        out = sample_step(
-            "cps" if renoise else self.sampler,
+        # the other steps run as the stock scheduler would: Euler, or re-noising where `stochastic_sampling` is set
+        out = scheduled_step(
+            self.sampler,
             model_output,
             sample,
-            sigmas[k],
-            sigmas[k + 1],
-            noise_level=1.0 if renoise else self.noise_level,
-            sigma_max=sigmas[1],
-            stochastic=stochastic or renoise,
+            self.sigmas.float(),
+            k,
+            noise_level=self.noise_level,
+            stochastic=stochastic,
+            untrained=stock_untrained(self),
             generator=generator if generator is not None else self.generator,
             out_dtype=model_output.dtype,
         )
         prev_sample = out.prev_sample
         self._latents.append(prev_sample.detach())
-        self._log_probs.append(out.log_prob.detach().float() if explores else torch.zeros_like(out.log_prob).float())
+        self._log_probs.append(out.log_prob.detach().float())
         self._mask.append(stochastic)
         self._step_index += 1
         if not return_dict:
