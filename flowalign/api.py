@@ -13,6 +13,7 @@ import logging
 import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,10 +121,27 @@ def build_reward(spec: Any, *, normalize: str = "sum", log_tame: bool = False):
     raise ValueError(f"reward must be a registered name or a list of {{name, weight, kwargs}}, got {spec!r}")
 
 
-def shapes_evaluator(images: torch.Tensor, prompts: list[str]) -> dict[str, float]:
+def shapes_evaluator(images: torch.Tensor, prompts: list[str], checker: int = 2) -> dict[str, float]:
     from rewards.shapes import evaluate
 
-    return evaluate(images, prompts)
+    return evaluate(images, prompts, checker)
+
+
+def with_checker(spec: Any, checker: int) -> Any:
+    """The reward spec with `checker` as the version of its shapes_* heads that do not name one; unchanged at the
+    default version, so a default run's reward keeps its plain name."""
+    from rewards.shapes import DEFAULT_CHECKER
+
+    if checker == DEFAULT_CHECKER:
+        return spec
+    if isinstance(spec, str):
+        return {"name": spec, "kwargs": {"checker": checker}} if spec.startswith("shapes_") else spec
+    if isinstance(spec, list):
+        return [with_checker(head, checker) for head in spec]
+    if isinstance(spec, dict) and str(spec.get("name", "")).startswith("shapes_"):
+        kwargs = spec.get("kwargs") or {}
+        return {**spec, "kwargs": {"checker": checker, **kwargs}} if isinstance(kwargs, dict) else spec
+    return spec
 
 
 def build_trainer(cfg: TrainConfig, *, training: bool = True, **kwargs: Any) -> GRPOTrainer:
@@ -135,7 +153,8 @@ def build_trainer(cfg: TrainConfig, *, training: bool = True, **kwargs: Any) -> 
         check_trackers(cfg.log_with)
     train_prompts, columns = load_prompt_set(cfg.prompts) if training else ([], {})
     eval_prompts, eval_columns = load_prompt_set(cfg.eval_prompts)
-    heads = [cfg.reward] if isinstance(cfg.reward, str) else [h.get("name") for h in cfg.reward if isinstance(h, dict)]
+    specs = cfg.reward if isinstance(cfg.reward, list) else [cfg.reward]
+    heads = [h if isinstance(h, str) else h.get("name") for h in specs if isinstance(h, (str, dict))]
     if any(str(h).startswith("shapes_") for h in heads):  # the checker's grammar, before anything loads
         from flowalign.world import parse_caption
 
@@ -143,9 +162,10 @@ def build_trainer(cfg: TrainConfig, *, training: bool = True, **kwargs: Any) -> 
             parse_caption(caption)
     accelerator = make_accelerator(cfg, track=training)
     # the reward before the model: a missing reward model is named before a large pipeline loads
-    reward_fn, name = build_reward(cfg.reward, normalize=cfg.reward_normalize, log_tame=cfg.reward_log_tame)
+    reward = with_checker(cfg.reward, cfg.checker)
+    reward_fn, name = build_reward(reward, normalize=cfg.reward_normalize, log_tame=cfg.reward_log_tame)
     adapter = build_adapter(cfg, accelerator.device)
-    evaluator = shapes_evaluator if cfg.eval_prompts.startswith("shapes:") else None
+    evaluator = partial(shapes_evaluator, checker=cfg.checker) if cfg.eval_prompts.startswith("shapes:") else None
     return GRPOTrainer(
         cfg,
         adapter,

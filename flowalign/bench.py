@@ -50,7 +50,14 @@ def report_from_runs(
         curve = _curve(metrics)
         if not curve:
             raise ValueError(f"{metrics} holds no evaluation: run with eval_every > 0")
-        runs.append({"seed": load_config(str(d / "config.yaml")).seed, "dir": str(d), "curve": curve})
+        cfg = load_config(str(d / "config.yaml"))
+        runs.append({"seed": cfg.seed, "dir": str(d), "curve": curve, "checker": cfg.checker})
+    if len({r["checker"] for r in runs}) > 1:  # accuracies of two checker versions do not average
+        raise ValueError(
+            "these runs were graded by different shapes checker versions: "
+            + ", ".join(f"{r['dir']} v{r['checker']}" for r in runs)
+            + "; summarise runs of one version (re-evaluate the others: `flowalign eval --checkpoint RUN --checker N`)"
+        )
     finals = [r["curve"][-1] for r in runs]
     keys = [k for k in finals[0] if isinstance(finals[0][k], (int, float))]
     summary = {

@@ -92,8 +92,18 @@ def _with_se(metrics: dict[str, float], key: str) -> str:
 
 
 def _metric_keys(metrics: dict[str, float]) -> list[str]:
-    """The accuracies/rewards to show: not timings, sample counts ("eval/n", "eval/<category>/n") or errors."""
-    return [k for k in metrics if not k.startswith(("eval/time", "time/")) and not k.endswith(("/n", "_se"))]
+    """The accuracies/rewards to show: not timings, sample counts ("eval/n", "eval/<category>/n"), errors or the
+    checker version (`_graded_by` names it)."""
+    return [
+        k
+        for k in metrics
+        if not k.startswith(("eval/time", "time/")) and not k.endswith(("/n", "_se")) and k != "eval/checker"
+    ]
+
+
+def _graded_by(metrics: dict[str, float]) -> str:
+    """ "checker vN; " when the shapes checker graded these metrics, since accuracies compare only within a version."""
+    return f"checker v{int(metrics['eval/checker'])}; " if "eval/checker" in metrics else ""
 
 
 def _table(base: dict[str, float], final: dict[str, float]) -> str:
@@ -133,7 +143,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     summary = write_summary_and_grid(trainer)
     if trainer.accelerator.is_main_process:
         print(
-            f"\nheld-out evaluation (step 0 vs step {summary.steps}; ± one standard error of the evaluation):"
+            f"\nheld-out evaluation ({_graded_by(summary.final)}step 0 vs step {summary.steps}; ± one standard error"
+            " of the evaluation):"
             f"\n{_table(summary.base, summary.final)}"
         )
         print(
@@ -223,7 +234,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     metrics = evaluate(args.config, checkpoint=args.checkpoint, **parse_overrides(extra))
     if not _main_process():
         return 0
-    print(f"evaluation of {args.checkpoint or args.config or 'shapes'} (± one standard error):")
+    print(f"evaluation of {args.checkpoint or args.config or 'shapes'} ({_graded_by(metrics)}± one standard error):")
     print("\n".join(f"  {k.removeprefix('eval/'):26s} {_with_se(metrics, k):>15s}" for k in _metric_keys(metrics)))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

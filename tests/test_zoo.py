@@ -127,6 +127,29 @@ def test_shipped_model_scores_within_its_card_range() -> None:
         assert abs(res[key] - card[key]) <= tol, (key, res[key], card[key], tol, json.dumps(res))
 
 
+def test_a_runs_checker_version_grades_its_evaluation_and_reward() -> None:
+    """`checker: 3` reaches both the evaluator and the shapes reward: the run's metrics equal the checker of that
+    version applied to the same seeded images, regenerated here."""
+    _require_weights()
+    from flowalign.api import build_trainer
+    from flowalign.config import load_config
+    from rewards.base import build_reward
+    from rewards.shapes import evaluate
+
+    rewards = []
+    for version in (2, 3):
+        overrides = {"checker": version, "num_eval_prompts": 12, "eval_num_steps": 3, "eval_batch_size": 12}
+        trainer = build_trainer(load_config("shapes", overrides), training=False)
+        metrics = trainer.evaluate()
+        images, prompts = trainer.generate(trainer.eval_prompts, trainer.cfg.eval_seed), trainer.eval_prompts
+        assert metrics["eval/checker"] == version
+        assert metrics["eval/strict"] == evaluate(images, prompts, version)["strict"]
+        partial = build_reward("shapes_partial", checker=version)(images, prompts)
+        assert metrics["eval/reward_mean"] == pytest.approx(float(partial.mean()))
+        rewards.append(metrics["eval/reward_mean"])
+    assert rewards[0] != rewards[1]  # these images grade differently under the two versions
+
+
 def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path, monkeypatch) -> None:
     """The pretraining script end to end for a few steps, with the non-default options a GPU run would use (patch 8
     here to stay fast) and `--compile`: every training step runs through the compiled forward, the saved pipeline
