@@ -13,6 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from flowalign.config import load_config
+from flowalign.trainer import checkpoint_dir, split_log
+
+
+def _cost(rec: dict[str, float]) -> tuple[float, float]:
+    """Reward calls and training seconds of one log record (evaluation time is not training)."""
+    return rec.get("cost/reward_calls", 0.0), sum(
+        v for k, v in rec.items() if k.startswith("time/") and k != "time/eval"
+    )
 
 
 def _curve(metrics_path: Path) -> list[dict[str, float]]:
@@ -21,9 +29,9 @@ def _curve(metrics_path: Path) -> list[dict[str, float]]:
     curve = []
     for line in metrics_path.read_text().splitlines():
         rec = json.loads(line)
-        calls += rec.get("cost/reward_calls", 0.0)
+        calls += _cost(rec)[0]
         evals += rec.get("cost/model_evals", 0.0)
-        seconds += sum(v for k, v in rec.items() if k.startswith("time/") and k != "time/eval")
+        seconds += _cost(rec)[1]
         if any(k.startswith("eval/") for k in rec):
             point = {"step": rec["step"], "reward_calls": calls, "model_evals": evals, "seconds": seconds}
             point.update({k.removeprefix("eval/"): v for k, v in rec.items() if k.startswith("eval/")})
@@ -79,6 +87,22 @@ def report_from_runs(
     }
 
 
+def _resume_point(run: Path, cfg: Any) -> int | None:
+    """The step of a bench run's latest checkpoint (None: it has none), after checking that the run was made with
+    this config: a seed resumed under other settings would mix two experiments in one curve."""
+    import dataclasses
+
+    saved = dataclasses.asdict(load_config(str(run / "config.yaml")))
+    differ = [k for k, v in dataclasses.asdict(cfg).items() if k != "max_steps" and saved.get(k) != v]
+    if differ:
+        raise ValueError(
+            f"{run} was trained with other settings ({', '.join(f'{k}: {saved.get(k)!r}' for k in differ[:4])}); "
+            "--resume continues a bench with its own config and overrides (only the budget may grow)"
+        )
+    latest = run / "checkpoints" / "latest"
+    return int(json.loads((checkpoint_dir(run) / "state.json").read_text())["step"]) if latest.exists() else None
+
+
 def run_bench(
     config: str,
     overrides: dict[str, Any] | None = None,
@@ -90,11 +114,16 @@ def run_bench(
     out: str | Path | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> Path:
     """Trains `config` (+ overrides) for each seed 0..seeds-1 within the budget and writes the JSON report.
-    `overwrite`: replace the runs of an earlier bench in the same directory (else refused before any training)."""
+    `overwrite`: replace the runs of an earlier bench in the same directory (else refused before any training).
+    `resume`: continue an interrupted bench: a seed that spent its budget is kept, one with a checkpoint goes on
+    from it (its spend so far counted from its log), one without starts over."""
     if seeds < 1:
         raise ValueError(f"bench needs at least one seed, got --seeds {seeds}")
+    if resume and overwrite:
+        raise ValueError("--resume continues an earlier bench's runs and --overwrite replaces them: give one")
     for flag, value in (
         ("--steps", budget_steps),
         ("--reward-calls", budget_reward_calls),
@@ -106,16 +135,18 @@ def run_bench(
         raise ValueError(
             f"bench --out {str(out)!r} is a directory; name the JSON file, e.g. {Path(out) / 'bench.json'}"
         )
+    from accelerate import PartialState
+
     from flowalign.api import build_trainer
 
     overrides = dict(overrides or {})
     base = load_config(config, overrides)
     root = Path(overrides.get("output_dir", base.output_dir + "_bench"))
     used = [root / f"seed{seed}" for seed in range(seeds) if (root / f"seed{seed}" / "metrics.jsonl").exists()]
-    if used and not overwrite:
+    if used and not (overwrite or resume):
         raise FileExistsError(
-            f"{root} holds an earlier bench's runs ({', '.join(d.name for d in used)}): write this one elsewhere with"
-            " --output-dir DIR, or replace them with --overwrite"
+            f"{root} holds an earlier bench's runs ({', '.join(d.name for d in used)}): continue it with --resume,"
+            " write this one elsewhere with --output-dir DIR, or replace them with --overwrite"
         )
     runs = []
     for seed in range(seeds):
@@ -125,24 +156,35 @@ def run_bench(
         elif budget_reward_calls or budget_seconds:
             over["max_steps"] = 10**9  # the budget stops the run
         cfg = load_config(config, over)
-        trainer = build_trainer(cfg)
         spent = {"calls": 0.0, "seconds": 0.0}
 
         def stop(rec: dict[str, float], spent=spent) -> bool:
-            spent["calls"] += rec.get("cost/reward_calls", 0.0)
-            spent["seconds"] += sum(v for k, v in rec.items() if k.startswith("time/") and k != "time/eval")
+            calls, seconds = _cost(rec)
+            spent["calls"] += calls
+            spent["seconds"] += seconds
             return bool(
                 (budget_reward_calls and spent["calls"] >= budget_reward_calls)
                 or (budget_seconds and spent["seconds"] >= budget_seconds)
             )
 
-        trainer.train(progress=progress, stop=stop, overwrite=overwrite)
+        run = Path(cfg.output_dir)
+        at = _resume_point(run, cfg) if resume and (run / "config.yaml").exists() else None
+        if at is not None:  # the log up to the checkpoint is what the resumed run keeps
+            done = [stop(json.loads(line)) for line in split_log(run / "metrics.jsonl", at)[0].splitlines()]
+            if at >= cfg.max_steps or (done and done[-1]):
+                runs.append(cfg.output_dir)
+                continue
+        trainer = build_trainer(cfg)
+        trainer.train(
+            resume="auto" if at is not None else None, progress=progress, stop=stop, overwrite=overwrite or resume
+        )
         runs.append(cfg.output_dir)
     budget = {"steps": budget_steps, "reward_calls": budget_reward_calls, "seconds": budget_seconds}
     report = report_from_runs(runs, config=config, overrides=overrides, budget=budget)
     path = Path(out) if out else root / "bench.json"
-    if trainer.accelerator.is_main_process:  # every process trained its share; one writes the report
+    state = PartialState()
+    if state.is_main_process:  # every process trained its share; one writes the report
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))
-    trainer.accelerator.wait_for_everyone()
+    state.wait_for_everyone()
     return path

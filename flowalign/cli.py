@@ -256,6 +256,7 @@ def cmd_bench(args: argparse.Namespace, extra: list[str]) -> int:
         out=args.out,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        resume=args.resume,
     )
     if _main_process():
         print(f"wrote {path}")
@@ -343,6 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--overwrite", action="store_true", help="replace an earlier bench's runs in the output dir")
+    b.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted bench: keep finished seeds, resume the others from their latest checkpoint",
+    )
     x = sub.add_parser(
         "export",
         help="a trained run as a diffusers LoRA (pipe.load_lora_weights) or a whole pipeline (from_pretrained)",

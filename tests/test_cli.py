@@ -133,6 +133,34 @@ def test_config_overrides_are_never_read_as_abbreviated_options():
     assert args.resume is None and extra == ["--res", "auto"]  # an unknown key then, named as such
 
 
+def test_cli_bench_resume_keeps_finished_seeds_and_continues_the_others_exactly(tmp_path):
+    _tiny_setup(tmp_path)
+    common = ["bench", "cfg.yaml", "--seeds", "2", "--eval-every", "1", "--save-every", "1", "--no-progress"]
+    assert _run([*common, "--steps", "4", "--output-dir", "fresh"], tmp_path).returncode == 0
+    # an interrupted bench: seed 0 stopped after step 2, seed 1 never started
+    assert _run([*common, "--steps", "2", "--seeds", "1", "--output-dir", "b"], tmp_path).returncode == 0
+    first = (tmp_path / "b" / "seed0" / "metrics.jsonl").read_text()
+    res = _run([*common, "--steps", "4", "--output-dir", "b"], tmp_path)
+    assert res.returncode == 2 and "continue it with --resume" in res.stderr
+    res = _run([*common, "--steps", "4", "--output-dir", "b", "--resume"], tmp_path)
+    assert res.returncode == 0, res.stderr
+
+    def curves(name: str) -> list[list[dict]]:
+        runs = json.loads((tmp_path / name / "bench.json").read_text())["runs"]
+        return [[{k: v for k, v in p.items() if k != "seconds" and "time" not in k} for p in r["curve"]] for r in runs]
+
+    # seed 0 went on from its checkpoint (its first lines, timings included, kept), and logs what a whole run does
+    assert (tmp_path / "b" / "seed0" / "metrics.jsonl").read_text().startswith(first)
+    assert curves("b") == curves("fresh")
+    assert [p["step"] for p in curves("b")[0]] == [0, 1, 2, 3, 4]
+    # a finished bench resumed trains nothing; other settings are refused
+    log = (tmp_path / "b" / "seed0" / "metrics.jsonl").read_text()
+    assert _run([*common, "--steps", "4", "--output-dir", "b", "--resume"], tmp_path).returncode == 0
+    assert (tmp_path / "b" / "seed0" / "metrics.jsonl").read_text() == log
+    res = _run([*common, "--steps", "4", "--output-dir", "b", "--resume", "--learning-rate", "0.1"], tmp_path)
+    assert res.returncode == 2 and "trained with other settings (learning_rate" in res.stderr
+
+
 def test_cli_bench_stops_at_the_reward_call_budget(tmp_path):
     _tiny_setup(tmp_path)
     res = _run(
