@@ -114,12 +114,12 @@ def test_shipped_model_scores_within_its_card_range() -> None:
     )
     images = out.images
     assert images.shape == (len(captions), 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
-    res = evaluate(images.float(), captions)
+    card = settings["eval"]
+    res = evaluate(images.float(), captions, int(card.get("checker", 2)))  # the card's checker (v2 before versions)
     # An image with nothing drawn already meets the "no extra objects" constraints (partial ~0.31 here); the model
     # must beat it clearly, which the binomial range alone would not prove at this sample size.
-    blank = evaluate(torch.ones_like(images, dtype=torch.float32), captions)
+    blank = evaluate(torch.ones_like(images, dtype=torch.float32), captions, int(card.get("checker", 2)))
     assert res["partial"] >= blank["partial"] + 0.05, (res, blank)
-    card = settings["eval"]
     n = len(captions)
     for key in ("strict", "partial"):
         p = min(max(card[key], 0.05), 0.95)  # keep the tolerance non-zero at the extremes

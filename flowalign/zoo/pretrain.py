@@ -177,6 +177,7 @@ def write_card(out: Path, info: dict[str, Any]) -> None:
     """Writes `README.md` (the model card) and `flowalign.json` (sampling settings + measured range)."""
     s = info["sampling"]
     ev, tr = info["eval"], info["train_eval"]
+    checker = int(ev.get("checker", 2))  # cards before checker versions were graded by v2
     sidecar = {
         "max_sequence_length": sm.MAX_SEQUENCE_LENGTH,
         "num_inference_steps": s["num_inference_steps"],
@@ -265,7 +266,7 @@ out = pipe(
 `max_sequence_length={sm.MAX_SEQUENCE_LENGTH}`, `height=width={world.IMAGE_SIZE}`, {sampler_text}.
 {info.get("sampling_note", "")}
 
-## Base accuracy (stock `pipe(...)`, recommended settings, checker `rewards.shapes.evaluate`)
+## Base accuracy (stock `pipe(...)`, recommended settings, checker `rewards.shapes.evaluate`, version {checker})
 Held-out split (`world.eval_captions()`, {len(world.eval_captions())} entries, 40 per category; none occurs in
 training captions), seeds {info["eval_seeds"]} (one image per entry per seed):
 
