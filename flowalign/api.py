@@ -121,7 +121,7 @@ def build_reward(spec: Any, *, normalize: str = "sum", log_tame: bool = False):
     raise ValueError(f"reward must be a registered name or a list of {{name, weight, kwargs}}, got {spec!r}")
 
 
-def shapes_evaluator(images: torch.Tensor, prompts: list[str], checker: int = 2) -> dict[str, float]:
+def shapes_evaluator(images: torch.Tensor, prompts: list[str], checker: int) -> dict[str, float]:
     from rewards.shapes import evaluate
 
     return evaluate(images, prompts, checker)

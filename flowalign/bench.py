@@ -59,12 +59,13 @@ def report_from_runs(
         if not curve:
             raise ValueError(f"{metrics} holds no evaluation: run with eval_every > 0")
         cfg = load_config(str(d / "config.yaml"))
-        runs.append({"seed": cfg.seed, "dir": str(d), "curve": curve, "checker": cfg.checker})
-    if len({r["checker"] for r in runs}) > 1:  # accuracies of two checker versions do not average
+        versions = sorted({int(p.get("checker", 2)) for p in curve})  # logs before checker versions: v2
+        runs.append({"seed": cfg.seed, "dir": str(d), "curve": curve, "checker": versions})
+    if len({v for r in runs for v in r["checker"]}) > 1:  # accuracies of two checker versions do not average
         raise ValueError(
             "these runs were graded by different shapes checker versions: "
-            + ", ".join(f"{r['dir']} v{r['checker']}" for r in runs)
-            + "; summarise runs of one version (re-evaluate the others: `flowalign eval --checkpoint RUN --checker N`)"
+            + ", ".join(f"{r['dir']} v{'/v'.join(map(str, r['checker']))}" for r in runs)
+            + "; summarise runs of one version (train the others again with --checker N)"
         )
     finals = [r["curve"][-1] for r in runs]
     keys = [k for k in finals[0] if isinstance(finals[0][k], (int, float))]
@@ -93,7 +94,8 @@ def _resume_point(run: Path, cfg: Any) -> int | None:
     import dataclasses
 
     saved = dataclasses.asdict(load_config(str(run / "config.yaml")))
-    differ = [k for k, v in dataclasses.asdict(cfg).items() if k != "max_steps" and saved.get(k) != v]
+    # the budget is checked against budget.json; the directory may have moved or be named another way
+    differ = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("max_steps", "output_dir") and saved[k] != v]
     if differ:
         raise ValueError(
             f"{run} was trained with other settings ({', '.join(f'{k}: {saved.get(k)!r}' for k in differ[:4])}); "
@@ -148,6 +150,18 @@ def run_bench(
             f"{root} holds an earlier bench's runs ({', '.join(d.name for d in used)}): continue it with --resume,"
             " write this one elsewhere with --output-dir DIR, or replace them with --overwrite"
         )
+    budget = {"steps": budget_steps, "reward_calls": budget_reward_calls, "seconds": budget_seconds}
+    earlier = json.loads((root / "budget.json").read_text()) if resume and (root / "budget.json").is_file() else None
+    if earlier and any(
+        (earlier[k] is None) != (budget[k] is None) or (budget[k] or 0) < (earlier[k] or 0) for k in budget
+    ):
+        raise ValueError(
+            f"{root} was benched with the budget {earlier}; --resume takes that budget or a larger one, got {budget}"
+        )
+    state = PartialState()
+    if state.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "budget.json").write_text(json.dumps(budget))
     runs = []
     for seed in range(seeds):
         over = {**overrides, "seed": seed, "output_dir": str(root / f"seed{seed}"), "grid_prompts": 0}
@@ -158,6 +172,8 @@ def run_bench(
         cfg = load_config(config, over)
         spent = {"calls": 0.0, "seconds": 0.0}
 
+        # Per process: each counts its own time/* (a resumed run's earlier seconds come from the main process's
+        # log, so a seconds budget may stop a resumed seed a step apart from an uninterrupted one).
         def stop(rec: dict[str, float], spent=spent) -> bool:
             calls, seconds = _cost(rec)
             spent["calls"] += calls
@@ -179,10 +195,8 @@ def run_bench(
             resume="auto" if at is not None else None, progress=progress, stop=stop, overwrite=overwrite or resume
         )
         runs.append(cfg.output_dir)
-    budget = {"steps": budget_steps, "reward_calls": budget_reward_calls, "seconds": budget_seconds}
     report = report_from_runs(runs, config=config, overrides=overrides, budget=budget)
     path = Path(out) if out else root / "bench.json"
-    state = PartialState()
     if state.is_main_process:  # every process trained its share; one writes the report
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2))

@@ -673,6 +673,18 @@ class GRPOTrainer:
                 shutil.rmtree(old)
         return final
 
+    def _check_checker(self, step_dir: Path) -> None:
+        """Refuses to continue a run graded by another shapes checker version: its log would mix two versions'
+        accuracies in one curve (evaluating a checkpoint under another version is fine: `flowalign eval`)."""
+        old = step_dir / "config.yaml"
+        trained = (yaml.safe_load(old.read_text()) or {}).get("checker", 2) if old.is_file() else self.cfg.checker
+        if trained != self.cfg.checker:
+            raise ValueError(
+                f"checkpoint {step_dir} was trained and evaluated with shapes checker v{trained}, this run uses "
+                f"v{self.cfg.checker}: resume with --checker {trained}, or start a new run to train under v"
+                f"{self.cfg.checker}"
+            )
+
     def load(self, path: str | Path) -> tuple[Path, dict[str, Any]]:
         """Restores a checkpoint written by `save` (a run, checkpoints or step directory); returns its step
         directory and saved state (step, model, process count)."""
@@ -839,6 +851,7 @@ class GRPOTrainer:
                 "--resume auto, write this one elsewhere with --output-dir DIR, or replace it with --overwrite"
             )
         if resume:  # first: a checkpoint that does not fit leaves the run's files as they were
+            self._check_checker(checkpoint_dir(resume))
             step_dir, saved = self.load(resume)
             self._warn_process_count(step_dir, saved.get("num_processes", self.accelerator.num_processes))
         self.out.mkdir(parents=True, exist_ok=True)

@@ -192,9 +192,18 @@ def _classify_shape(mask: np.ndarray, checker: Checker) -> str:
     (best_iou, best), (second_iou, _) = sorted(ious, reverse=True)[:2]
     if best_iou < checker.min_iou or best_iou - second_iou < checker.min_margin:
         return "unknown"
-    if checker.min_solidity and area / _hull_area(mask) < checker.min_solidity:
+    if checker.min_solidity and area + _pinholes(mask) < checker.min_solidity * _hull_area(mask):
         return "unknown"
     return best
+
+
+def _pinholes(mask: np.ndarray) -> int:
+    """Pixels of the holes inside a mask smaller than MIN_PIXELS: speckle, which solidity should not count as the
+    concavity of a ring, cross or L."""
+    h, w = mask.shape
+    outside = np.pad(~mask, 1, constant_values=True)  # a frame joining every gap open to the border into one
+    holes = _components(np.where(outside, 0, -1).ravel().tolist(), h + 2, w + 2)
+    return sum(len(px) for _, px in holes if px[0] != 0 and len(px) < MIN_PIXELS)
 
 
 def _components(labels: list[int], h: int, w: int) -> list[tuple[int, list[int]]]:
@@ -244,9 +253,12 @@ def detect(image: np.ndarray, checker: int = DEFAULT_CHECKER) -> list[Detection]
     labels = np.where(ok, nearest - 1, -1).ravel().tolist()  # colour index per pixel, -1 for none
     found: list[Detection] = []
     components = _components(labels, h, w)
-    if rules.off_palette:  # ink far from the background and every palette colour, in blobs touching no palette pixel
-        off = (d2.min(-1) > COLOR_TOLERANCE**2).ravel()  # (a blended edge or blur halo touches its object)
-        near = _touching(ok).ravel()
+    if rules.off_palette:  # ink far from the background and every palette colour, in blobs touching no palette object
+        off = (d2.min(-1) > COLOR_TOLERANCE**2).ravel()  # (a blended edge or blur halo touches its object; a stray
+        objects = np.zeros(h * w, dtype=bool)  # near-palette speck inside a blob does not hide the blob)
+        for _, px in components:
+            objects[px] = len(px) >= MIN_PIXELS
+        near = _touching(objects.reshape(h, w)).ravel()
         for _, px in _components(np.where(off, 0, -1).tolist(), h, w):
             if not near[px].any():
                 components.append((len(COLORS), px))

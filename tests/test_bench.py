@@ -32,3 +32,10 @@ def test_runs_are_summarised_over_seeds_and_only_within_one_checker_version(tmp_
     old = _run(tmp_path / "old", 2, 2, (0.3, 0.35))
     with pytest.raises(ValueError, match=r"different shapes checker versions: .*a v3, .*old v2.*--checker N"):
         report_from_runs([a, old])
+    # one run whose log changed version part-way (resumed under another checker before that was refused)
+    mixed = tmp_path / "mixed"
+    _run(mixed, 3, 3, (0.2, 0.3))
+    lines = (mixed / "metrics.jsonl").read_text().replace('"eval/checker": 3}', '"eval/checker": 2}', 1)
+    (mixed / "metrics.jsonl").write_text(lines)
+    with pytest.raises(ValueError, match=r"mixed v2/v3"):
+        report_from_runs([a, str(mixed)])

@@ -159,6 +159,15 @@ def test_cli_bench_resume_keeps_finished_seeds_and_continues_the_others_exactly(
     assert (tmp_path / "b" / "seed0" / "metrics.jsonl").read_text() == log
     res = _run([*common, "--steps", "4", "--output-dir", "b", "--resume", "--learning-rate", "0.1"], tmp_path)
     assert res.returncode == 2 and "trained with other settings (learning_rate" in res.stderr
+    res = _run([*common, "--steps", "3", "--output-dir", "b", "--resume"], tmp_path)
+    assert res.returncode == 2 and "takes that budget or a larger one" in res.stderr
+    # the same directory named another way is the same bench; a run resumed under another checker is refused
+    assert _run([*common, "--steps", "4", "--output-dir", str(tmp_path / "b"), "--resume"], tmp_path).returncode == 0
+    res = _run(
+        ["train", "cfg.yaml", "--output-dir", "b/seed0", "--seed", "0", "--resume", "auto", "--checker", "3"], tmp_path
+    )
+    assert res.returncode == 2 and "trained and evaluated with shapes checker v2" in res.stderr
+    assert (tmp_path / "b" / "seed0" / "metrics.jsonl").read_text() == log
 
 
 def test_cli_bench_stops_at_the_reward_call_budget(tmp_path):

@@ -172,3 +172,13 @@ def test_prompt_files_and_run_directories_are_named_for_what_they_are(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="a training run: pass it as --checkpoint"):
         load_config(str(tmp_path / "run"))
+
+
+def test_the_checker_version_defaults_to_the_checkers_and_unknown_ones_are_refused():
+    from rewards.shapes import DEFAULT_CHECKER
+
+    assert TrainConfig().checker == DEFAULT_CHECKER
+    assert load_config("shapes", {"checker": 3}).checker == 3
+    for bad in (4, True, 2.5):
+        with pytest.raises(ValueError, match="checker"):
+            load_config("shapes", {"checker": bad})

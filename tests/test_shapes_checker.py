@@ -239,15 +239,32 @@ def test_checker_v3_counts_off_palette_blobs_but_not_blurred_edges_as_objects() 
             continue
         tried += 1
         img = w.render(scene)
-        img[(w.render(bigger) != img).any(-1)] = [(0, 0, 0), (128, 128, 128), (240, 120, 10)][
-            i % 3
-        ]  # black, grey, orange
-        assert _failed(spec, img, 2) == set()  # v2 sees nothing of another colour
-        assert _failed(spec, img, 3) == {"no_extra"}, caption
-        assert [d.color for d in shapes.detect(img, 3)].count("unknown") == 1
+        ink = [(0, 0, 0), (128, 128, 128), (240, 120, 10)][i % 3]  # black, grey, orange
+        img[(w.render(bigger) != img).any(-1)] = ink
+        # and with mild noise, which turns some orange pixels "yellow" and some grey ones "purple": specks, not objects
+        noisy = np.clip(img / 255 + rng.normal(0, 0.04, img.shape), 0, 1)
+        for image in (img, noisy):
+            assert _failed(spec, image, 2) == set()  # v2 sees nothing of another colour
+            assert _failed(spec, image, 3) == {"no_extra"}, caption
+            assert [d.color for d in shapes.detect(image, 3)].count("unknown") == 1
         # a blur's halo is ink of no palette colour too, but it touches its object
         assert all(d.color != "unknown" for d in shapes.detect(_gaussian_blur(w.render(scene), 1.0), 3))
     assert tried >= 15
+
+
+def test_checker_v3_solidity_ignores_pinholes_but_not_concavity() -> None:
+    square = np.ones((13, 13), bool)
+    ys, xs = np.mgrid[0:13, 0:13]
+    square[(ys % 2 == 1) & (xs % 3 > 0) & (ys < 12) & (xs < 12)] = False  # 48 two-pixel holes, as noise leaves them
+    ell = np.zeros((11, 11), bool)
+    ell[:, :4] = ell[-4:, :] = True  # an L with arms 4 of 11 wide
+    # the L's hull cuts its notch diagonally: the box less a right triangle of legs 7
+    assert ell.sum() / (121 - 7 * 7 / 2) < shapes.CHECKERS[3].min_solidity
+    assert [d.shape for d in shapes.detect(_image_with(ell), 3)] == ["unknown"]
+    # the holes would fail solidity as concavity (the square's hull is its box), and the square template still fits
+    assert square.sum() / 169 < shapes.CHECKERS[3].min_solidity and _template_ious(square)["square"] >= 0.7
+    assert [d.shape for d in shapes.detect(_image_with(square), 3)] == ["square"]
+    assert shapes._pinholes(square) == 169 - square.sum() and shapes._pinholes(ell) == 0
 
 
 def test_unknown_checker_versions_are_refused_with_the_versions() -> None:
