@@ -23,6 +23,7 @@ import numpy as np
 
 from flowalign.bench import report_from_runs, run_bench
 from flowalign.cli import parse_overrides
+from flowalign.trainer import holds_run
 
 X_KEYS = ("reward_calls", "seconds", "step")  # the costs arms are compared at
 ARMS = {
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [a for a in args.arms.split(",") if a not in ARMS]
         if unknown:  # before any arm trains (each takes hours at the default budget)
             parser.error(f"unknown arm(s) {', '.join(unknown)}; valid: {', '.join(ARMS)}")
-        used = [a for a in args.arms.split(",") if any((out / a).glob("seed*/metrics.jsonl"))]
+        used = [a for a in args.arms.split(",") if any(holds_run(out / a / f"seed{s}") for s in range(args.seeds))]
         if used and not args.overwrite:
             parser.error(f"{out} holds runs of arm(s) {', '.join(used)}: pass another --out, or --overwrite")
         report = {"config": args.config, "seeds": args.seeds, "budget_reward_calls": args.reward_calls, "arms": {}}

@@ -76,6 +76,12 @@ def recommended_sampling(model: str) -> dict[str, Any]:
     return fields
 
 
+def require_file_path(path: str | Path | None, example: str, flag: str = "--out") -> None:
+    """An output file's path (None: none asked for) must not be a directory, checked before any work."""
+    if path is not None and Path(path).is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a directory; name the file, e.g. {Path(path) / example}")
+
+
 def require_empty_dir(path: str | Path, fix: str) -> None:
     """Outputs go into a new or empty directory, checked before any work: nothing earlier is overwritten or left
     beside the new files. `fix` ends the error (what to do instead)."""
@@ -351,9 +357,7 @@ def export(checkpoint: str | Path, out: str | Path, *, merged: bool = False, dty
     See `flowalign.export`."""
     from flowalign.export import check_request, export_run
 
-    if out is None or str(out).strip() == "":
-        raise ValueError("export needs out=: a new directory for the exported model")
-    check_request(out, dtype)
+    check_request(out, dtype, merged, checkpoint)  # before the model loads
     # nothing trains: no compiled wrapper around the transformer, no KL copy of a full fine-tune's base
     trainer = load_run(checkpoint, compile=False, kl_beta=0.0)
     result = None

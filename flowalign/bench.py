@@ -12,8 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from flowalign.config import load_config
-from flowalign.trainer import checkpoint_dir, split_log
+from flowalign.config import load_config, load_run_config
+from flowalign.trainer import checkpoint_dir, holds_run, split_log
 
 
 def _cost(rec: dict[str, float]) -> tuple[float, float]:
@@ -29,9 +29,10 @@ def _curve(metrics_path: Path) -> list[dict[str, float]]:
     curve = []
     for line in metrics_path.read_text().splitlines():
         rec = json.loads(line)
-        calls += _cost(rec)[0]
+        rec_calls, rec_seconds = _cost(rec)
+        calls += rec_calls
         evals += rec.get("cost/model_evals", 0.0)
-        seconds += _cost(rec)[1]
+        seconds += rec_seconds
         if any(k.startswith("eval/") for k in rec):
             point = {"step": rec["step"], "reward_calls": calls, "model_evals": evals, "seconds": seconds}
             point.update({k.removeprefix("eval/"): v for k, v in rec.items() if k.startswith("eval/")})
@@ -93,7 +94,7 @@ def _resume_point(run: Path, cfg: Any) -> int | None:
     this config: a seed resumed under other settings would mix two experiments in one curve."""
     import dataclasses
 
-    saved = dataclasses.asdict(load_config(str(run / "config.yaml")))
+    saved = dataclasses.asdict(load_run_config(run))  # with the legacy defaults of keys the run predates
     # the budget is checked against budget.json; the directory may have moved or be named another way
     differ = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("max_steps", "output_dir") and saved[k] != v]
     if differ:
@@ -133,18 +134,16 @@ def run_bench(
     ):
         if value is not None and not value > 0:
             raise ValueError(f"bench {flag} must be > 0, got {value}")
-    if out is not None and Path(out).is_dir():
-        raise ValueError(
-            f"bench --out {str(out)!r} is a directory; name the JSON file, e.g. {Path(out) / 'bench.json'}"
-        )
     from accelerate import PartialState
 
-    from flowalign.api import build_trainer
+    from flowalign.api import build_trainer, require_file_path
+
+    require_file_path(out, "bench.json")
 
     overrides = dict(overrides or {})
     base = load_config(config, overrides)
     root = Path(overrides.get("output_dir", base.output_dir + "_bench"))
-    used = [root / f"seed{seed}" for seed in range(seeds) if (root / f"seed{seed}" / "metrics.jsonl").exists()]
+    used = [root / f"seed{seed}" for seed in range(seeds) if holds_run(root / f"seed{seed}")]
     if used and not (overwrite or resume):
         raise FileExistsError(
             f"{root} holds an earlier bench's runs ({', '.join(d.name for d in used)}): continue it with --resume,"

@@ -12,9 +12,6 @@ from typing import Any
 
 from flowalign.config import bool_field_names, field_names
 
-# `flowalign sample` draws the built-in model unless told otherwise
-DEFAULT_SAMPLE_MODEL = "shapes"
-
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
     """`--key value`, `--key=value` (dashes or underscores) -> {key: "value"}; types are coerced by the config.
@@ -171,8 +168,9 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError("--compare draws a run's base model beside its aligned weights: give --checkpoint RUN_DIR")
     if args.n < 1 or args.seed < 0:
         raise ValueError(f"--n must be >= 1 and --seed >= 0, got --n {args.n} --seed {args.seed}")
-    if args.checkpoint and args.model != DEFAULT_SAMPLE_MODEL:
+    if args.checkpoint and args.model:
         raise ValueError("--model and --checkpoint both name the model: a checkpoint samples its run's own model")
+    model = args.model or "shapes"  # the built-in model unless told otherwise
     from flowalign.api import (
         build_trainer,
         comparison_rows,
@@ -192,7 +190,7 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         # A bare model samples as its card recommends (a zoo model ships its settings); --key value still wins.
         trainer = build_trainer(
-            load_config(None, {"model": args.model, **recommended_sampling(args.model), **overrides}), training=False
+            load_config(None, {"model": model, **recommended_sampling(model), **overrides}), training=False
         )
     cfg = trainer.cfg
     if trainer.accelerator.is_main_process:
@@ -227,10 +225,9 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     import json
 
-    from flowalign.api import evaluate
+    from flowalign.api import evaluate, require_file_path
 
-    if args.out and Path(args.out).is_dir():
-        raise ValueError(f"--out {args.out!r} is a directory; name the JSON file, e.g. {Path(args.out) / 'eval.json'}")
+    require_file_path(args.out, "eval.json")
     metrics = evaluate(args.config, checkpoint=args.checkpoint, **parse_overrides(extra))
     if not _main_process():
         return 0
@@ -269,7 +266,7 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise ValueError(f"unexpected arguments: {' '.join(extra)}")
     result = export(args.checkpoint, args.out, merged=args.merged, dtype=args.dtype)
-    if not _main_process():
+    if result is None:  # another process: the main one wrote and prints
         return 0
     what = "a diffusers LoRA" if result.kind == "lora" else "a diffusers pipeline"
     print(f"wrote {what} to {result.path} (step {result.step}{', EMA weights' if result.ema else ''}); load it with:")
@@ -304,9 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="draw images from a base model or a checkpoint")
     s.add_argument(
         "--model",
-        default=DEFAULT_SAMPLE_MODEL,
-        help="zoo name (sampled as its model card recommends), local dir or hub id; --key value overrides any"
-        " config field, e.g. --eval-num-steps 28 --guidance-scale 3.5",
+        default=None,
+        help="zoo name (sampled as its model card recommends; default shapes), local dir or hub id; --key value"
+        " overrides any config field, e.g. --eval-num-steps 28 --guidance-scale 3.5",
     )
     s.add_argument("--checkpoint", default=None, help="a run dir or checkpoint dir from `flowalign train`")
     s.add_argument("--prompt", action="append", help="a prompt (repeatable)")

@@ -36,6 +36,15 @@ TRACKERS = {
 
 # Integer fields -> (least allowed value, what that value means); None (where a field allows it) is not checked.
 MINIMUMS = {
+    "group_size": (2, "group-relative advantages need a group"),
+    "prompts_per_step": (1, ""),
+    "max_steps": (0, ""),
+    "num_steps": (2, ""),
+    "eval_num_steps": (1, ""),
+    "sde_window": (0, "0 = every step"),
+    "sde_window_max_start": (0, "null = within the first half"),
+    "max_sequence_length": (1, "null = the model's"),
+    "completion_steps": (1, "null = all remaining"),
     "train_batch_size": (1, ""),
     "grad_accum": (1, ""),
     "inner_epochs": (1, ""),
@@ -172,12 +181,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raises ValueError naming the field and the fix."""
-        if self.group_size < 2:
-            raise ValueError(
-                f"group_size must be >= 2 (group-relative advantages need a group), got {self.group_size}"
-            )
-        if self.prompts_per_step < 1 or self.max_steps < 0 or self.num_steps < 2 or self.eval_num_steps < 1:
-            raise ValueError("prompts_per_step >= 1, max_steps >= 0, num_steps >= 2 and eval_num_steps >= 1 required")
         for name, (least, meaning) in MINIMUMS.items():
             value = getattr(self, name)
             if value is not None and value < least:
@@ -331,6 +334,14 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """Whether `path` looks like a flowalign run (even one stopped before its first checkpoint), its checkpoints dir
+    or a step dir: for the hint to pass it as --checkpoint."""
+    path = Path(path)
+    marks = ("checkpoints", "metrics.jsonl", "latest", "trainable.safetensors")
+    return any((path / mark).exists() for mark in marks)
+
+
 def read_yaml(source: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """A YAML file path or a built-in preset name -> mapping, with its `base:` chain merged in.
 
@@ -340,8 +351,7 @@ def read_yaml(source: str, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     path = Path(source)
     if not path.is_file():
         if source not in preset_names():
-            run = path.is_dir() and ((path / "checkpoints").is_dir() or (path / "trainable.safetensors").exists())
-            hint = " (a training run: pass it as --checkpoint, checkpoint= in Python)" if run else ""
+            hint = " (a training run: pass it as --checkpoint, checkpoint= in Python)" if is_run_dir(path) else ""
             raise FileNotFoundError(
                 f"config {source!r} is neither a YAML file nor a built-in preset{hint}; presets: "
                 f"{', '.join(preset_names())}"

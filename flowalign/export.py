@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from flowalign.api import DTYPES, require_empty_dir
-from flowalign.trainer import GRPOTrainer
+from flowalign.config import TrainConfig, load_run_config
+from flowalign.trainer import GRPOTrainer, checkpoint_dir
 
 
 @dataclass(frozen=True)
@@ -87,11 +88,25 @@ def _usage(kind: str, path: Path, trainer: GRPOTrainer, sampling: dict, dtype: s
     return "\n".join(lines)
 
 
-def check_request(out: str | Path, dtype: str | None) -> None:
-    """What an export can check before any model loads: a new or empty `out`, a known `dtype`."""
+def check_request(out: str | Path | None, dtype: str | None, merged: bool, run: TrainConfig | str | Path) -> bool:
+    """Everything an export can check before any model loads: a new or empty `out` and a known `dtype` first, then
+    from the run's config (`run`: it, or a checkpoint to read it from) that the dtype applies and the LoRA can be
+    merged. Returns whether the export merges (a full fine-tune is already a whole model)."""
+    if out is None or str(out).strip() == "":
+        raise ValueError("export needs out=: a new directory for the exported model")
     require_empty_dir(out, "export into a new directory")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    cfg = run if isinstance(run, TrainConfig) else load_run_config(checkpoint_dir(run))
+    lora = cfg.lora_rank > 0
+    if merged and lora and cfg.lora_min_sigma > 0:
+        raise ValueError(
+            f"this run's LoRA acts only at sigma >= {cfg.lora_min_sigma} (lora_min_sigma), which a merged model "
+            "cannot express: export the LoRA (without merged) and gate it with flowalign.lora_window.limit_lora"
+        )
+    if dtype is not None and lora and not merged:
+        raise ValueError("dtype applies to a saved pipeline (merged or a full fine-tune), not to a LoRA file")
+    return merged and lora
 
 
 def export_run(trainer: GRPOTrainer, out: str | Path, *, merged: bool = False, dtype: str | None = None) -> Export:
@@ -103,16 +118,7 @@ def export_run(trainer: GRPOTrainer, out: str | Path, *, merged: bool = False, d
     """
     cfg, out = trainer.cfg, Path(out)
     lora = cfg.lora_rank > 0
-    check_request(out, dtype)
-    if merged and lora and cfg.lora_min_sigma > 0:
-        raise ValueError(
-            f"this run's LoRA acts only at sigma >= {cfg.lora_min_sigma} (lora_min_sigma), which a merged model "
-            "cannot express: export the LoRA (without merged) and gate it with flowalign.lora_window.limit_lora"
-        )
-    if merged and not lora:
-        merged = False  # a full fine-tune is already a whole model
-    if dtype is not None and lora and not merged:
-        raise ValueError("dtype applies to a saved pipeline (merged or a full fine-tune), not to a LoRA file")
+    merged = check_request(out, dtype, merged, cfg)
     pipe, transformer = trainer.adapter.pipe, trainer.adapter.transformer
     kind = "lora" if lora and not merged else "pipeline"
     with trainer.ema_weights():

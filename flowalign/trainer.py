@@ -23,13 +23,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from flowalign import credit as credit_lib
-from flowalign.config import LEGACY_DEFAULTS, TrainConfig, to_yaml
+from flowalign.config import TrainConfig, load_run_config, to_yaml
 from flowalign.lora_window import limit_lora
 from flowalign.losses import policy_step_loss
 from flowalign.samplers.rollout import (
@@ -40,7 +39,7 @@ from flowalign.samplers.rollout import (
     sliding_window_start,
     window_starts,
 )
-from flowalign.samplers.sde import flow_grpo_kl_std
+from flowalign.samplers.sde import kl_step_std
 from flowalign.samplers.step_rewards import step_rewards
 from flowalign.types import FlowAdapter, Trajectory
 
@@ -113,6 +112,11 @@ def checkpoint_dir(path: str | Path) -> Path:
     raise FileNotFoundError(
         f"no flowalign checkpoint under {path} (expected checkpoints/latest or trainable.safetensors)"
     )
+
+
+def holds_run(out: str | Path) -> bool:
+    """Whether `out` holds a training run (its log or checkpoints), which a fresh run there would erase."""
+    return (Path(out) / "metrics.jsonl").exists() or (Path(out) / "checkpoints" / "latest").exists()
 
 
 def split_log(path: Path, step: int) -> tuple[str, str]:
@@ -290,8 +294,8 @@ class GRPOTrainer:
             return [k for k, ok in enumerate(self.explores) if ok]
         start = None
         if cfg.sde_window_shift_every:
-            starts = window_starts(cfg.num_steps, cfg.sde_window, cfg.sde_window_max_start)
-            start = sliding_window_start(step, cfg.sde_window_shift_every, cfg.sde_window_stride, starts)
+            last = window_starts(cfg.num_steps, cfg.sde_window, cfg.sde_window_max_start)[-1]
+            start = sliding_window_start(step, cfg.sde_window_shift_every, cfg.sde_window_stride, last)
         gen = torch.Generator().manual_seed(_seed(cfg.seed, step, 4))  # same window on every process
         window = sde_window(
             cfg.num_steps, cfg.sde_window, start=start, generator=gen, max_start=cfg.sde_window_max_start
@@ -399,6 +403,8 @@ class GRPOTrainer:
         )
         # statistics of the whole batch, before each process takes its rows back
         metrics = {
+            "reward/mean": float(totals.float().mean()),
+            "reward/std": float(totals.float().std()) if totals.numel() > 1 else 0.0,
             "reward/zero_std_frac": credit_lib.zero_variance_fraction(totals, groups),
             **credit_lib.credit_stats(out),
             # every process draws and scores a full batch: the run's cost is N times one process's
@@ -508,10 +514,13 @@ class GRPOTrainer:
                     for j, k in enumerate(steps):
                         with self.accelerator.autocast():
                             new = replay_step(self.adapter, sub, k)
-                            ref_mean = None
+                            ref_mean = kl_std = None
                             if cfg.kl_beta > 0:
                                 with torch.no_grad(), self.reference_policy():
                                     ref_mean = replay_step(self.adapter, sub, k).mean
+                                kl_std = kl_step_std(
+                                    cfg.kl_form, cfg.sampler, new.std, sub.sigmas[k], sub.sigmas[k + 1]
+                                )
                         out = policy_step_loss(
                             new.log_prob,
                             sub.log_probs[:, k].to(self.device),
@@ -520,9 +529,7 @@ class GRPOTrainer:
                             kl_beta=cfg.kl_beta,
                             mean=new.mean,
                             ref_mean=ref_mean,
-                            std=new.std
-                            if cfg.kl_form == "exact"
-                            else flow_grpo_kl_std(cfg.sampler, new.std, sub.sigmas[k], sub.sigmas[k + 1]),
+                            std=kl_std,
                         )
                         self.accelerator.backward(out.loss / share)
                         for key in stats:
@@ -667,17 +674,21 @@ class GRPOTrainer:
         if self.cfg.keep_checkpoints:
             # Once the new one and `latest` are in place: this run's oldest go, and any later step, which an earlier
             # run in this directory (or the rest of a run resumed from before its end) left behind.
-            steps = sorted((int(d.name.removeprefix("step_")), d) for d in root.glob("step_*"))
+            steps = self._checkpoint_steps()
             mine = [d for s, d in steps if s <= self.step]
             for old in mine[: -self.cfg.keep_checkpoints] + [d for s, d in steps if s > self.step]:
                 shutil.rmtree(old)
         return final
 
+    def _checkpoint_steps(self) -> list[tuple[int, Path]]:
+        """(step, directory) of this run's checkpoints, in step order."""
+        root = self.out / "checkpoints"
+        return sorted((int(d.name.removeprefix("step_")), d) for d in root.glob("step_*"))
+
     def _check_checker(self, step_dir: Path) -> None:
         """Refuses to continue a run graded by another shapes checker version: its log would mix two versions'
         accuracies in one curve (evaluating a checkpoint under another version is fine: `flowalign eval`)."""
-        old = step_dir / "config.yaml"
-        trained = (yaml.safe_load(old.read_text()) or {}).get("checker", 2) if old.is_file() else self.cfg.checker
+        trained = load_run_config(step_dir).checker if (step_dir / "config.yaml").is_file() else self.cfg.checker
         if trained != self.cfg.checker:
             raise ValueError(
                 f"checkpoint {step_dir} was trained and evaluated with shapes checker v{trained}, this run uses "
@@ -690,14 +701,16 @@ class GRPOTrainer:
         directory and saved state (step, model, process count)."""
         path = checkpoint_dir(path)
         saved = json.loads((path / "state.json").read_text())
-        old_cfg = path / "config.yaml"
-        if self.cfg.kl_beta > 0 and self.cfg.kl_form != LEGACY_DEFAULTS["kl_form"] and old_cfg.is_file():
-            if "kl_form" not in (yaml.safe_load(old_cfg.read_text()) or {}):
+        if self.cfg.kl_beta > 0 and (path / "config.yaml").is_file():
+            trained = load_run_config(path).kl_form  # a checkpoint older than kl_form reads as "exact"
+            if trained != self.cfg.kl_form:
                 logger.warning(
-                    "checkpoint %s predates kl_form: its kl_beta weighed the exact Gaussian KL; this run uses "
-                    "kl_form %r (smaller by sigma - sigma' per sde step): set kl_form: exact to go on as it trained",
+                    "checkpoint %s weighed its KL as kl_form %r, this run uses %r (the two differ by sigma - sigma' "
+                    "per sde step): set kl_form: %s to go on as it trained",
                     path,
+                    trained,
                     self.cfg.kl_form,
+                    trained,
                 )
         if saved.get("model") not in (None, self.cfg.model):  # a moved or downloaded copy is fine; another model not
             logger.warning(
@@ -771,14 +784,14 @@ class GRPOTrainer:
         path = self.out / "metrics.jsonl"
         if path.exists() and self.accelerator.is_main_process:
             kept, dropped = split_log(path, self.step)
-            later = sorted(int(d.name.removeprefix("step_")) for d in (self.out / "checkpoints").glob("step_*"))
-            if later and later[-1] > self.step:
+            last = max((s for s, _ in self._checkpoint_steps()), default=-1)
+            if last > self.step:
                 aside = self.out / f"metrics.after_step_{self.step}.jsonl"
                 aside.write_text(dropped)
                 logger.warning(
                     "resuming at step %d of a run checkpointed up to step %d: its log after step %d is in %s",
                     self.step,
-                    later[-1],
+                    last,
                     self.step,
                     aside,
                 )
@@ -807,14 +820,11 @@ class GRPOTrainer:
         t_credit = time.perf_counter()
         metrics = self.train_on(traj, credit, step)
         t3 = time.perf_counter()
-        gathered = self.accelerator.gather(rewards.total.to(self.device)).float().cpu()
         metrics.update({f"reward/{k}": float(v.mean()) for k, v in rewards.raw.items() if k != "total"})
         metrics = self._over_processes(metrics)
         metrics.update(batch_metrics)
         metrics.update(
             {
-                "reward/mean": float(gathered.mean()),
-                "reward/std": float(gathered.std()) if gathered.numel() > 1 else 0.0,
                 "time/sample": t1 - t0,
                 "time/reward": t2 - t1,
                 "time/credit": t_credit - t2,
@@ -843,7 +853,7 @@ class GRPOTrainer:
         auto = resume == "auto"
         if auto:
             resume = self.out / "checkpoints" if (self.out / "checkpoints" / "latest").exists() else None
-        held = (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints" / "latest").exists()
+        held = holds_run(self.out)
         here = resume is not None and self.out.resolve() in (Path(resume).resolve(), *Path(resume).resolve().parents)
         if held and not overwrite and not here and not (auto and resume is None):
             raise FileExistsError(

@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -104,8 +105,8 @@ def probe_images() -> Tensor:
 def check_encoder(encoder: FeatureEncoder, probe_features: Tensor, meta: dict[str, str], device: Any = None) -> None:
     """Refuses an encoder whose features of `probe_images` differ from those stored with the head (cosine < 0.98;
     another dtype or device of the same weights stays above 0.99)."""
-    with torch.no_grad():
-        got = encoder.image_features(probe_images() if device is None else probe_images().to(device)).float().cpu()
+    with torch.no_grad():  # as the probe features were stored: through encode_images
+        got = encode_images(encoder, list(probe_images()), device=device)
     if got.shape != probe_features.shape:
         return  # the feature-width check in the reward names this case
     cos = float(torch.nn.functional.cosine_similarity(got, probe_features.float(), dim=1).min())
@@ -250,7 +251,7 @@ def split_pairs(
     pairs) go to the same side: split apart, the held-out images' near-copies sit in the training set and the
     held-out figures mean little. Unpaired images split per class."""
     for flag, keys in (("--clean", clean_keys), ("--artifact", artifact_keys)):
-        twice = sorted({k for k in keys if keys.count(k) > 1})
+        twice = sorted(k for k, n in Counter(keys).items() if n > 1)
         if twice:  # 0001.png and 0001.jpg: which one is the pair of artifact/0001?
             raise ValueError(f"{flag} holds several images named {twice[0]!r} (other suffixes); rename one")
     a_index = {k: i for i, k in enumerate(artifact_keys)}
@@ -271,12 +272,15 @@ def split_pairs(
     )
 
 
-def ranking_accuracy(clean_scores: Tensor, artifact_scores: Tensor) -> float | None:
-    """P(a clean image scores above an artifact image) over every (clean, artifact) combination, ties half: the
-    ROC AUC, and ArtifactReward's pairwise accuracy when given matched pairs one by one."""
+def ranking_accuracy(clean_scores: Tensor, artifact_scores: Tensor, *, paired: bool = False) -> float | None:
+    """P(a clean image scores above an artifact image), ties half: over every (clean, artifact) combination, the
+    ROC AUC; `paired`, over matched pairs one by one (clean i with artifact i), ArtifactReward's pairwise accuracy."""
     if clean_scores.numel() == 0 or artifact_scores.numel() == 0:
         return None
-    diff = clean_scores.reshape(-1, 1) - artifact_scores.reshape(1, -1)
+    if paired:
+        diff = clean_scores.reshape(-1) - artifact_scores.reshape(-1)
+    else:
+        diff = clean_scores.reshape(-1, 1) - artifact_scores.reshape(1, -1)
     return float((diff > 0).float().mean() + 0.5 * (diff == 0).float().mean())
 
 
@@ -448,7 +452,6 @@ def train_artifact_head(
         logits = head(feats)
     pair_c = torch.tensor([c for c, _ in held_pairs], dtype=torch.long)
     pair_a = torch.tensor([off + a for _, a in held_pairs], dtype=torch.long)
-    pair_acc = None if not held_pairs else float((logits[pair_c] > logits[pair_a]).float().mean())
     report = ArtifactReport(
         n_clean=len(clean_files),
         n_artifact=len(artifact_files),
@@ -459,7 +462,7 @@ def train_artifact_head(
         val_accuracy_clean=_accuracy(logits[val_c], labels[val_c]),
         val_accuracy_artifact=_accuracy(logits[val_a], labels[val_a]),
         val_auc=ranking_accuracy(logits[val_c], logits[val_a]),
-        val_pair_accuracy=pair_acc,
+        val_pair_accuracy=ranking_accuracy(logits[pair_c], logits[pair_a], paired=True),
         n_val_pairs=len(held_pairs),
         encoder=kind,
         model=model_id,

@@ -275,8 +275,9 @@ def test_main_reports_bad_dirs(tmp_path, capsys):
 # --- pairs, encoder identity, overlapping folders, image modes ------------------------------------------------
 
 
-def test_matched_pairs_stay_together_and_the_ranking_is_reported(tmp_path):
-    from rewards.artifact import list_images, pair_keys, read_image, split_pairs
+def test_matched_pairs_stay_together_and_the_ranking_is_reported(tmp_path, monkeypatch):
+    import rewards.artifact as artifact_module
+    from rewards.artifact import list_images, read_image, split_pairs
 
     g = torch.Generator().manual_seed(3)
     clean_imgs = [clean_image(g) for _ in range(20)]
@@ -286,12 +287,17 @@ def test_matched_pairs_stay_together_and_the_ranking_is_reported(tmp_path):
     clean, artifact = write_pngs(tmp_path / "clean", clean_imgs), write_pngs(tmp_path / "artifact", bad_imgs)
     write_pngs(tmp_path / "clean" / "extra", [clean_image(g) for _ in range(4)])  # unpaired clean images
     encoder, out = RandomConvEncoder(), tmp_path / "head.safetensors"
+    used = []  # the split training really made, not one rebuilt here
+
+    def spy(*args, **kwargs):
+        used.append(split_pairs(*args, **kwargs))
+        return used[-1]
+
+    monkeypatch.setattr(artifact_module, "split_pairs", spy)
     report = train_artifact_head(clean, artifact, out, encoder=encoder, val_fraction=0.25, seed=0, epochs=100)
 
     c_files, a_files = list_images(clean, "c"), list_images(artifact, "a")
-    tr_c, va_c, tr_a, va_a, held = split_pairs(
-        pair_keys(c_files, clean), pair_keys(a_files, artifact), 0.25, torch.Generator().manual_seed(0)
-    )
+    ((tr_c, va_c, tr_a, va_a, held),) = used
     assert len(held) == report.n_val_pairs == 5 and all(c_files[c].stem == a_files[a].stem for c, a in held)
     trained_names = {c_files[i].stem for i in tr_c} | {a_files[i].stem for i in tr_a}
     assert not trained_names & {c_files[c].stem for c, _ in held}, "a held-out pair's partner was trained on"
@@ -302,7 +308,8 @@ def test_matched_pairs_stay_together_and_the_ranking_is_reported(tmp_path):
         return reward(torch.stack([read_image(f) for f in files]), [""] * len(files))
 
     pc, pa = scores([c_files[c] for c, _ in held]), scores([a_files[a] for _, a in held])
-    assert report.val_pair_accuracy == pytest.approx(float((pc > pa).float().mean()))
+    pair_wins = [float(c > a) + 0.5 * float(c == a) for c, a in zip(pc, pa, strict=True)]
+    assert report.val_pair_accuracy == pytest.approx(sum(pair_wins) / len(pair_wins))
     all_c, all_a = scores([c_files[i] for i in va_c]), scores([a_files[i] for i in va_a])
     wins = sum(float(c > a) + 0.5 * float(c == a) for c in all_c for a in all_a)
     assert report.val_auc == pytest.approx(wins / (len(all_c) * len(all_a)))

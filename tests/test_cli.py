@@ -336,8 +336,10 @@ def test_bad_input_is_refused_before_anything_loads(tmp_path, monkeypatch, capsy
     assert cli.main(["sample", "--prompt", "a red circle", "--out", "used"]) == 2
     assert "not an empty directory" in capsys.readouterr().err
     assert cli.main(["sample", "--prompt", "a red circle", "--n", "0"]) == 2
-    assert cli.main(["sample", "--checkpoint", "run", "--model", "other", "--prompt", "x"]) == 2
-    assert "a checkpoint samples its run's own model" in capsys.readouterr().err
+    assert "--n must be >= 1" in capsys.readouterr().err
+    for model in ("other", "shapes"):  # naming the default model too: the checkpoint's run has its own
+        assert cli.main(["sample", "--checkpoint", "run", "--model", model, "--prompt", "x"]) == 2
+        assert "a checkpoint samples its run's own model" in capsys.readouterr().err
     for budget in ({"budget_seconds": 0}, {"budget_reward_calls": 0}, {"budget_steps": 0}):
         with pytest.raises(ValueError, match="must be > 0"):
             run_bench("shapes", **budget)

@@ -146,6 +146,11 @@ def test_a_folder_named_like_a_preset_does_not_hide_the_preset(tmp_path, monkeyp
         ({"ema_decay": 2}, "ema_decay must be in"),
         ({"clip_range": -1}, "clip_range must be a positive"),
         ({"warmup_steps": -5}, "warmup_steps must be >= 0"),
+        ({"sde_window": -1}, "sde_window must be >= 0"),  # these four loaded
+        ({"sde_window_max_start": -1}, "sde_window_max_start must be >= 0"),
+        ({"max_sequence_length": -3}, "max_sequence_length must be >= 1"),
+        ({"completion_steps": -2}, "completion_steps must be >= 1"),
+        ({"num_steps": 1}, "num_steps must be >= 2"),
         ({"adam_betas": 0.9}, "adam_betas expects a list of float"),  # was a TypeError
         ({"lora_targets": 5}, "lora_targets expects a list of str"),
         ({"log_with": None}, "log_with expects a list"),

@@ -122,3 +122,13 @@ def test_cli_export_prints_python_that_loads_and_samples_the_run(tmp_path):
         env=env,
     )
     assert res.returncode == 2 and "merged model cannot express" in res.stderr and "Traceback" not in res.stderr
+    # both config refusals come from the run's config, before its model loads
+    from unittest import mock
+
+    import flowalign.api as api
+
+    with mock.patch.object(api, "load_run", side_effect=AssertionError("the model loaded")):
+        with pytest.raises(ValueError, match="merged model cannot express"):
+            api.export(run, tmp_path / "m2", merged=True)
+        with pytest.raises(ValueError, match="dtype applies to a saved pipeline"):
+            api.export(run, tmp_path / "m3", dtype="bfloat16")

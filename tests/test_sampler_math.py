@@ -222,7 +222,7 @@ def test_noise_stds_match_the_reference_formulas_on_a_diffusers_schedule(sampler
 
 
 def test_flow_grpo_kl_std_is_the_reference_noise_scale_and_cps_flow_grpo_its_constant_free_log_prob():
-    from flowalign.samplers.sde import STEPS, flow_grpo_kl_std
+    from flowalign.samplers.sde import STEPS, kl_step_std
 
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(10)
@@ -233,9 +233,9 @@ def test_flow_grpo_kl_std_is_the_reference_noise_scale_and_cps_flow_grpo_its_con
         out = sde_step(v, x, s, s_next, a, sigma_max=sig[1], generator=gen)
         # Flow-GRPO's std_dev_t: a sqrt(sigma / (1 - sigma)), with the schedule's second sigma standing in at 1
         std_dev_t = a * math.sqrt(s / (1 - (float(sig[1]) if s == 1 else s)))
-        assert float(flow_grpo_kl_std("sde", out.std, s, s_next)) == pytest.approx(std_dev_t, rel=1e-5)
+        assert float(kl_step_std("flow_grpo", "sde", out.std, s, s_next)) == pytest.approx(std_dev_t, rel=1e-5)
         cps = cps_step(v, x, s, s_next, 0.9, generator=gen)
-        assert torch.equal(flow_grpo_kl_std("cps", cps.std, s, s_next), torch.as_tensor(cps.std))
+        assert torch.equal(kl_step_std("flow_grpo", "cps", cps.std, s, s_next), torch.as_tensor(cps.std))
         ref = STEPS.get("cps_flow_grpo")(v, x, s, s_next, 0.9, prev_sample=cps.prev_sample)
         torch.testing.assert_close(ref.mean, cps.mean, rtol=0, atol=0)
         expected = -((cps.prev_sample - cps.mean) ** 2).flatten(1).mean(1)

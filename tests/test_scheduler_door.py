@@ -132,7 +132,9 @@ def test_door_step_contract():
 
 def _stochastic_sampling(pipe):
     """The pipeline with its scheduler re-noising every step (diffusers' `stochastic_sampling`, the shapes model's)."""
-    pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, stochastic_sampling=True)
+    from flowalign.zoo.pretrain import set_stochastic
+
+    set_stochastic(pipe, True)
     return pipe
 
 

@@ -15,6 +15,7 @@ import torch
 
 from flowalign.adapters.flux import FluxAdapter
 from flowalign.adapters.sd3 import SD3Adapter
+from flowalign.config import is_run_dir
 from flowalign.hub import cache_only_when_unreachable, hub_offline_env
 from flowalign.registry import Registry
 from flowalign.types import FlowAdapter
@@ -110,7 +111,7 @@ def load_pipeline(
             hint = (
                 " It holds a flowalign run: pass it as --checkpoint (checkpoint= in Python), or export it with"
                 " `flowalign export`."
-                if (local / "checkpoints" / "latest").exists() or (local / "trainable.safetensors").exists()
+                if is_run_dir(local)
                 else " Pass the folder that `save_pretrained` (or `hf download`) wrote."
             )
             raise FileNotFoundError(

@@ -75,10 +75,10 @@ def window_starts(num_steps: int, size: int, max_start: int | None = None) -> ra
     return range(max_start + 1)
 
 
-def sliding_window_start(step: int, shift_every: int, stride: int, starts: range) -> int:
-    """MixGRPO's sliding window (arXiv 2507.21802, Sec. 4.2): the window starts at the first allowed step and moves
-    `stride` steps later every `shift_every` training steps, then stays at the last allowed start."""
-    return min(starts.start + step // shift_every * stride, starts[-1])
+def sliding_window_start(step: int, shift_every: int, stride: int, max_start: int) -> int:
+    """MixGRPO's sliding window (arXiv 2507.21802, Sec. 4.2): the window starts at step 0 and moves `stride` steps
+    later every `shift_every` training steps, then stays at the last allowed start (`window_starts(...)[-1]`)."""
+    return min(step // shift_every * stride, max_start)
 
 
 def sde_window(
@@ -152,7 +152,8 @@ def sample_step(
     Returns: StepOutput; `prev_sample` in `out_dtype` (fp32 if None). A stochastic step whose std is 0
     (noise_level 0) is deterministic and gets log-prob 0 instead of NaN.
     """
-    if not stochastic:
+    # an ode step; or noise 0 with no stream to keep aligned (leave torch's global RNG alone)
+    if not stochastic or (noise_level == 0 and generator is None and prev_sample is None):
         out = ode_step(velocity, x, sigma, sigma_next)
         return out if out_dtype is None else replace(out, prev_sample=out.prev_sample.to(out_dtype))
     step = STEPS.get(sampler)
@@ -162,9 +163,6 @@ def sample_step(
 
     if prev_sample is not None:
         out = run(prev_sample=prev_sample)
-    elif noise_level == 0 and generator is None:  # no stream to keep aligned: leave torch's global RNG alone
-        out = ode_step(velocity, x, sigma, sigma_next)
-        return out if out_dtype is None else replace(out, prev_sample=out.prev_sample.to(out_dtype))
     elif generator is None or (isinstance(generator, torch.Generator) and generator.device == x.device):
         out = run(generator=generator)
     else:
@@ -175,7 +173,7 @@ def sample_step(
         out = run(prev_sample=probe.mean + probe.std * eps)
     if noise_level == 0 and prev_sample is None:
         # std 0: the Euler step, in the stock scheduler's arithmetic (the noise drawn above, scaled by 0, keeps the
-        # generator's stream where any other noise level leaves it; without a generator nothing was drawn)
+        # generator's stream where any other noise level leaves it)
         out = ode_step(velocity, x, sigma, sigma_next)
         return out if out_dtype is None else replace(out, prev_sample=out.prev_sample.to(out_dtype))
     if out_dtype is not None and out_dtype != torch.float32:

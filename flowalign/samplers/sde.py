@@ -110,11 +110,12 @@ def cps_flow_grpo_step(
     return cps_step(velocity, x, sigma, sigma_next, noise_level, exact=False, **kwargs)
 
 
-def flow_grpo_kl_std(sampler: str, std: Tensor, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
-    """The std Flow-GRPO's KL divides by (`std_dev_t` of its step, train_sd3.py): for "sde" the noise scale
+def kl_step_std(kl_form: str, sampler: str, std: Tensor, sigma: Tensor | float, sigma_next: Tensor | float) -> Tensor:
+    """The std a step's KL divides by. kl_form "exact": the step's own std (the Gaussian KL). "flow_grpo": the one
+    Flow-GRPO's KL divides by (`std_dev_t` of its step, train_sd3.py): for "sde" the noise scale
     a sqrt(sigma / (1 - sigma)) without the step's sqrt(-dt), so that KL is the Gaussian one times (sigma - sigma');
     for the cps steps their own std, so there it is the Gaussian KL."""
-    if sampler != "sde":
+    if kl_form == "exact" or sampler != "sde":
         return std
     return std / torch.sqrt(
         torch.as_tensor(sigma, dtype=torch.float32) - torch.as_tensor(sigma_next, dtype=torch.float32)
