@@ -7,6 +7,7 @@ and the mean/std of the final evaluation. Seconds exclude evaluation time (it is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -92,8 +93,6 @@ def report_from_runs(
 def _resume_point(run: Path, cfg: Any) -> int | None:
     """The step of a bench run's latest checkpoint (None: it has none), after checking that the run was made with
     this config: a seed resumed under other settings would mix two experiments in one curve."""
-    import dataclasses
-
     saved = dataclasses.asdict(load_run_config(run))  # with the legacy defaults of keys the run predates
     # the budget is checked against budget.json; the directory may have moved or be named another way
     differ = [k for k, v in dataclasses.asdict(cfg).items() if k not in ("max_steps", "output_dir") and saved[k] != v]

@@ -115,10 +115,11 @@ def test_shipped_model_scores_within_its_card_range() -> None:
     images = out.images
     assert images.shape == (len(captions), 3, world.IMAGE_SIZE, world.IMAGE_SIZE)
     card = settings["eval"]
-    res = evaluate(images.float(), captions, int(card.get("checker", 2)))  # the card's checker (v2 before versions)
+    checker = int(card.get("checker", 2))  # the card's checker (v2 before versions)
+    res = evaluate(images.float(), captions, checker)
     # An image with nothing drawn already meets the "no extra objects" constraints (partial ~0.31 here); the model
     # must beat it clearly, which the binomial range alone would not prove at this sample size.
-    blank = evaluate(torch.ones_like(images, dtype=torch.float32), captions, int(card.get("checker", 2)))
+    blank = evaluate(torch.ones_like(images, dtype=torch.float32), captions, checker)
     assert res["partial"] >= blank["partial"] + 0.05, (res, blank)
     n = len(captions)
     for key in ("strict", "partial"):

@@ -152,10 +152,14 @@ def sample_step(
     Returns: StepOutput; `prev_sample` in `out_dtype` (fp32 if None). A stochastic step whose std is 0
     (noise_level 0) is deterministic and gets log-prob 0 instead of NaN.
     """
-    # an ode step; or noise 0 with no stream to keep aligned (leave torch's global RNG alone)
-    if not stochastic or (noise_level == 0 and generator is None and prev_sample is None):
+
+    def euler() -> StepOutput:
         out = ode_step(velocity, x, sigma, sigma_next)
         return out if out_dtype is None else replace(out, prev_sample=out.prev_sample.to(out_dtype))
+
+    # an ode step; or noise 0 with no stream to keep aligned (leave torch's global RNG alone)
+    if not stochastic or (noise_level == 0 and generator is None and prev_sample is None):
+        return euler()
     step = STEPS.get(sampler)
 
     def run(**kw) -> StepOutput:
@@ -174,8 +178,7 @@ def sample_step(
     if noise_level == 0 and prev_sample is None:
         # std 0: the Euler step, in the stock scheduler's arithmetic (the noise drawn above, scaled by 0, keeps the
         # generator's stream where any other noise level leaves it)
-        out = ode_step(velocity, x, sigma, sigma_next)
-        return out if out_dtype is None else replace(out, prev_sample=out.prev_sample.to(out_dtype))
+        return euler()
     if out_dtype is not None and out_dtype != torch.float32:
         kept = out.prev_sample.to(out_dtype)
         out = replace(run(prev_sample=kept), prev_sample=kept)
