@@ -7,9 +7,11 @@
 Draws one image per held-out caption (`world.eval_captions()`, 240) with the main job's evaluation settings (the
 trainer's seeded `generate`, at the base model since nothing is trained) and counts, per category, how often
 each constraint of `rewards.shapes` fails, how many objects were found against how many the caption states, and
-how many detections have no recognisable shape ("unknown"). The answer says where alignment has to act: local
-shape structure, not colour or layout (docs/EXPERIMENTS.md). `--eval-sampler ode` (the default) is what the
-committed JSON and the figures in docs/EXPERIMENTS.md used; the main job now evaluates with `renoise`. `--checkpoint`
+how many detections have no recognisable shape ("unknown"), and, for captions naming two different colours on two
+different shapes, whether each colour sits on its shape (`binding`). The answer says where alignment has to act:
+local shape structure, and on held-out pairs the binding of colour to shape (docs/EXPERIMENTS.md, "Why position
+and colour attribution do not move"). `--eval-sampler ode` (the default) is what `bench/results/base_failures.json`
+used; the main job evaluates with `renoise` (`--seed 1234 --eval-sampler renoise` is its own draw). `--checkpoint`
 grades a training run's checkpoint (its own config and EMA weights) on the same draw, so its counts pair with the
 base model's; `--captions train_eval` grades the balanced training captions instead of the held-out ones.
 """
@@ -30,6 +32,24 @@ from rewards import shapes
 CAPTIONS = {"eval": world.eval_captions, "train_eval": world.train_eval_captions}
 
 
+def binding(spec: world.CaptionSpec, found: tuple[shapes.Detection, ...]) -> str | None:
+    """For a caption naming two objects of different colours and shapes (most position and colour attribution
+    captions): "bound" when both stated colour-shape pairs were found, "swapped" when neither was but both pairs with
+    the colours exchanged were, else "other"; None for other captions. Tells attribute binding (the right colours
+    and shapes on the wrong objects) apart from missing or misdrawn objects."""
+    if len(spec.objects) != 2 or spec.count is not None:
+        return None
+    a, b = spec.objects
+    if a.color is None or b.color is None or a.color == b.color or a.shape == b.shape:
+        return None
+    pairs = {(d.color, d.shape) for d in found}
+    if {(a.color, a.shape), (b.color, b.shape)} <= pairs:
+        return "bound"
+    if not pairs & {(a.color, a.shape), (b.color, b.shape)} and {(b.color, a.shape), (a.color, b.shape)} <= pairs:
+        return "swapped"
+    return "other"
+
+
 def failures(seed: int, eval_sampler: str = "ode", checkpoint: Path | None = None, captions: str = "eval") -> dict:
     overrides = {"num_eval_prompts": 0, "seed": seed, "eval_sampler": eval_sampler}
     if checkpoint is None:
@@ -40,7 +60,7 @@ def failures(seed: int, eval_sampler: str = "ode", checkpoint: Path | None = Non
         trainer.load(step_dir)
     caption_list = CAPTIONS[captions]()
     images = trainer.generate(caption_list, seed=seed)  # [N, 3, H, W] in [0, 1], which the checker reads as is
-    failed, total, surplus = Counter(), Counter(), Counter()
+    failed, total, surplus, bindings = Counter(), Counter(), Counter(), Counter()
     found_all, unknown = 0, 0
     for caption, image in zip(caption_list, images, strict=True):
         spec = world.parse_caption(caption)
@@ -48,6 +68,9 @@ def failures(seed: int, eval_sampler: str = "ode", checkpoint: Path | None = Non
         found = result.detections
         stated = spec.count if spec.category == "counting" else len(spec.objects)
         surplus[f"{spec.category}/found_minus_stated={len(found) - stated:+d}"] += 1
+        bound = binding(spec, found)
+        if bound is not None:
+            bindings[f"{spec.category}/{bound}"] += 1
         found_all += len(found)
         unknown += sum(d.shape == "unknown" for d in found)
         for name, held in result.constraints.items():
@@ -62,6 +85,7 @@ def failures(seed: int, eval_sampler: str = "ode", checkpoint: Path | None = Non
         "captions": len(caption_list),
         "constraint_failed_of_total": {k: [failed[k], total[k]] for k in sorted(total)},
         "images_by_found_minus_stated": dict(sorted(surplus.items())),
+        "two_colour_two_shape_captions_by_binding": dict(sorted(bindings.items())),
         "detections": found_all,
         "unknown_shape_detections": unknown,
     }

@@ -1,12 +1,16 @@
 """bench/base_failures.py grades the main job's own evaluation draw, so its per-constraint counts pair with it."""
 
+import dataclasses
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from flowalign import world
 from flowalign.api import build_trainer
 from flowalign.config import load_config
+from rewards import shapes
 
 BENCH = Path(__file__).parents[1] / "bench"
 
@@ -36,3 +40,26 @@ def test_constraint_counts_reproduce_the_main_jobs_per_category_partial_accuracy
     assert len(per_cat) == 6
     for cat, (failed, total) in per_cat.items():
         assert 1 - failed / total == pytest.approx(metrics[f"eval/{cat}/partial"], abs=1e-9), cat
+
+
+def test_binding_tells_swapped_colours_from_right_and_missing_objects(base_failures):
+    rng = np.random.default_rng(0)
+    applied = 0
+    for caption in world.eval_captions():
+        spec = world.parse_caption(caption)
+        scene = world.sample_scene(spec, rng)
+        if base_failures.binding(spec, shapes.score(spec, world.render(scene)).detections) is None:
+            continue
+        # the caption's render binds; the same scene with the two colours exchanged is swapped (and fails the
+        # checker); with one object left out it is neither
+        a, b = scene.objects
+        swapped = world.Scene((dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color)))
+        one = world.Scene((a,))
+        results = {
+            kind: base_failures.binding(spec, shapes.score(spec, world.render(s)).detections)
+            for kind, s in (("bound", scene), ("swapped", swapped), ("other", one))
+        }
+        assert results == {"bound": "bound", "swapped": "swapped", "other": "other"}, caption
+        assert shapes.score(spec, world.render(swapped)).strict == 0.0
+        applied += 1
+    assert applied >= 60  # most of the 80 held-out position and colour attribution entries name two pairs
