@@ -37,7 +37,7 @@ def binding(spec: world.CaptionSpec, found: tuple[shapes.Detection, ...]) -> str
     captions): "bound" when both stated colour-shape pairs were found, "swapped" when neither was but both pairs with
     the colours exchanged were, else "other"; None for other captions. Tells attribute binding (the right colours
     and shapes on the wrong objects) apart from missing or misdrawn objects."""
-    if len(spec.objects) != 2 or spec.count is not None:
+    if len(spec.objects) != 2:
         return None
     a, b = spec.objects
     if a.color is None or b.color is None or a.color == b.color or a.shape == b.shape:

@@ -48,18 +48,22 @@ def test_binding_tells_swapped_colours_from_right_and_missing_objects(base_failu
     for caption in world.eval_captions():
         spec = world.parse_caption(caption)
         scene = world.sample_scene(spec, rng)
-        if base_failures.binding(spec, shapes.score(spec, world.render(scene)).detections) is None:
+        graded = shapes.score(spec, world.render(scene))
+        if base_failures.binding(spec, graded.detections) is None:
             continue
         # the caption's render binds; the same scene with the two colours exchanged is swapped (and fails the
         # checker); with one object left out it is neither
         a, b = scene.objects
-        swapped = world.Scene((dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color)))
-        one = world.Scene((a,))
+        swapped = shapes.score(
+            spec,
+            world.render(world.Scene((dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color)))),
+        )
+        one = shapes.score(spec, world.render(world.Scene((a,))))
         results = {
-            kind: base_failures.binding(spec, shapes.score(spec, world.render(s)).detections)
-            for kind, s in (("bound", scene), ("swapped", swapped), ("other", one))
+            kind: base_failures.binding(spec, g.detections)
+            for kind, g in (("bound", graded), ("swapped", swapped), ("other", one))
         }
         assert results == {"bound": "bound", "swapped": "swapped", "other": "other"}, caption
-        assert shapes.score(spec, world.render(swapped)).strict == 0.0
+        assert graded.strict == 1.0 and swapped.strict == 0.0
         applied += 1
     assert applied >= 60  # most of the 80 held-out position and colour attribution entries name two pairs
