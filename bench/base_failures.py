@@ -13,13 +13,17 @@ local shape structure, and on held-out pairs the binding of colour to shape (doc
 and colour attribution do not move"). `--eval-sampler ode` (the default) is what `bench/results/base_failures.json`
 used; the main job evaluates with `renoise` (`--seed 1234 --eval-sampler renoise` is its own draw). `--checkpoint`
 grades a training run's checkpoint (its own config and EMA weights) on the same draw, so its counts pair with the
-base model's; `--captions train_eval` grades the balanced training captions instead of the held-out ones.
+base model's; `--captions train_eval` grades the balanced training captions instead of the held-out ones, and
+`--captions train_twins` the training captions whose colour-exchanged twin is trained too (does the model read word
+order?). `--model DIR` grades another base model (e.g. a pretraining run's output) and `--guidance-scale` another
+evaluation guidance, each on the same draw.
 """
 
 from __future__ import annotations
 
 import argparse
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from step_gradients import write_report  # bench/ is on sys.path when run as a script
@@ -28,8 +32,6 @@ from flowalign import world
 from flowalign.api import build_trainer, checkpoint_dir
 from flowalign.config import load_config
 from rewards import shapes
-
-CAPTIONS = {"eval": world.eval_captions, "train_eval": world.train_eval_captions}
 
 
 def binding(spec: world.CaptionSpec, found: tuple[shapes.Detection, ...]) -> str | None:
@@ -50,8 +52,44 @@ def binding(spec: world.CaptionSpec, found: tuple[shapes.Detection, ...]) -> str
     return "other"
 
 
-def failures(seed: int, eval_sampler: str = "ode", checkpoint: Path | None = None, captions: str = "eval") -> dict:
+def exchanged(spec: world.CaptionSpec) -> world.CaptionSpec:
+    """The caption with its two objects' colours exchanged ("a red circle and a blue square" -> "a blue circle and
+    a red square"): the same words, so only their order tells the two apart."""
+    a, b = spec.objects
+    return replace(spec, objects=(replace(a, color=b.color), replace(b, color=a.color)))
+
+
+def train_twins() -> list[str]:
+    """Training captions naming two colours on two shapes whose colour-exchanged caption is a training caption too.
+    Only word order tells such a caption from its twin, so `binding` on them measures whether the model reads it
+    (on the held-out pairs the familiar pairing is the only one trained)."""
+    train = set(world.train_captions())
+    out = []
+    for caption in world.train_captions():
+        spec = world.parse_caption(caption)
+        if binding(spec, ()) is not None and world.caption_of(exchanged(spec)) in train:
+            out.append(caption)
+    return out
+
+
+CAPTIONS = {"eval": world.eval_captions, "train_eval": world.train_eval_captions, "train_twins": train_twins}
+
+
+def failures(
+    seed: int,
+    eval_sampler: str = "ode",
+    checkpoint: Path | None = None,
+    captions: str = "eval",
+    guidance_scale: float | None = None,
+    model: str | None = None,
+) -> dict:
     overrides = {"num_eval_prompts": 0, "seed": seed, "eval_sampler": eval_sampler}
+    if guidance_scale is not None:
+        overrides["eval_guidance_scale"] = guidance_scale
+    if model is not None:
+        if checkpoint is not None:
+            raise ValueError("--model grades a base model; a --checkpoint names its own model in its config")
+        overrides["model"] = model
     if checkpoint is None:
         trainer = build_trainer(load_config("shapes", overrides))
     else:
@@ -60,11 +98,12 @@ def failures(seed: int, eval_sampler: str = "ode", checkpoint: Path | None = Non
         trainer.load(step_dir)
     caption_list = CAPTIONS[captions]()
     images = trainer.generate(caption_list, seed=seed)  # [N, 3, H, W] in [0, 1], which the checker reads as is
-    failed, total, surplus, bindings = Counter(), Counter(), Counter(), Counter()
+    failed, total, surplus, bindings, strict = Counter(), Counter(), Counter(), Counter(), Counter()
     found_all, unknown = 0, 0
     for caption, image in zip(caption_list, images, strict=True):
         spec = world.parse_caption(caption)
         result = shapes.score(spec, image)
+        strict[spec.category] += int(result.strict)
         found = result.detections
         stated = spec.count if spec.category == "counting" else len(spec.objects)
         surplus[f"{spec.category}/found_minus_stated={len(found) - stated:+d}"] += 1
@@ -81,8 +120,11 @@ def failures(seed: int, eval_sampler: str = "ode", checkpoint: Path | None = Non
         "seed": seed,
         "eval_sampler": eval_sampler,
         "checkpoint": str(checkpoint) if checkpoint else None,
+        "model": trainer.cfg.model,
+        "guidance_scale": trainer.cfg.eval_guidance,
         "caption_set": captions,
         "captions": len(caption_list),
+        "strict_passed": dict(sorted(strict.items())),
         "constraint_failed_of_total": {k: [failed[k], total[k]] for k in sorted(total)},
         "images_by_found_minus_stated": dict(sorted(surplus.items())),
         "two_colour_two_shape_captions_by_binding": dict(sorted(bindings.items())),
@@ -97,9 +139,12 @@ def main() -> None:
     p.add_argument("--eval-sampler", choices=("ode", "renoise"), default="ode")
     p.add_argument("--checkpoint", type=Path, default=None, help="a run dir, its checkpoints dir or a step dir")
     p.add_argument("--captions", choices=sorted(CAPTIONS), default="eval")
+    p.add_argument("--guidance-scale", type=float, default=None, help="instead of the config's (the card's 2.5)")
+    p.add_argument("--model", default=None, help="a base model other than the preset's: a pipeline dir or hub id")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
-    write_report(failures(args.seed, args.eval_sampler, args.checkpoint, args.captions), args.out)
+    report = failures(args.seed, args.eval_sampler, args.checkpoint, args.captions, args.guidance_scale, args.model)
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ def base_failures():
         sys.path.remove(str(BENCH))
 
 
-def test_constraint_counts_reproduce_the_main_jobs_per_category_partial_accuracy(base_failures, tmp_path):
+def test_constraint_counts_reproduce_the_main_jobs_per_category_accuracy(base_failures, tmp_path):
     # Every caption of a category has the same constraints, so a category's partial accuracy (the mean fraction met)
     # is 1 - failed/total summed over its constraints: the counts must give the trainer's step-0 evaluation exactly.
     report = base_failures.failures(seed=1234, eval_sampler="renoise")
@@ -40,6 +40,9 @@ def test_constraint_counts_reproduce_the_main_jobs_per_category_partial_accuracy
     assert len(per_cat) == 6
     for cat, (failed, total) in per_cat.items():
         assert 1 - failed / total == pytest.approx(metrics[f"eval/{cat}/partial"], abs=1e-9), cat
+        assert report["strict_passed"].get(cat, 0) / world.EVAL_PER_CATEGORY == pytest.approx(
+            metrics[f"eval/{cat}/strict"], abs=1e-9
+        ), cat
 
 
 def test_binding_tells_swapped_colours_from_right_and_missing_objects(base_failures):
@@ -67,3 +70,24 @@ def test_binding_tells_swapped_colours_from_right_and_missing_objects(base_failu
         assert graded.strict == 1.0 and swapped.strict == 0.0
         applied += 1
     assert applied >= 60  # most of the 80 held-out position and colour attribution entries name two pairs
+
+
+def test_train_twins_are_training_captions_told_apart_only_by_word_order(base_failures):
+    twins = base_failures.train_twins()
+    train = set(world.train_captions())
+    assert len(twins) >= 50 and len(set(twins)) == len(twins) and set(twins) <= train
+    for caption in twins:
+        spec = world.parse_caption(caption)
+        twin = world.caption_of(base_failures.exchanged(spec))
+        assert twin in twins and twin != caption
+        assert sorted(twin.split()) == sorted(caption.split())  # the same words in another order
+        a, b = spec.objects
+        assert world.parse_caption(twin).objects == (
+            dataclasses.replace(a, color=b.color),
+            dataclasses.replace(b, color=a.color),
+        )
+    # every training caption naming two colours on two shapes whose exchange is trained is included
+    for caption in train - set(twins):
+        spec = world.parse_caption(caption)
+        if base_failures.binding(spec, ()) is not None:
+            assert world.caption_of(base_failures.exchanged(spec)) not in train, caption
