@@ -153,9 +153,9 @@ def test_a_runs_checker_version_grades_its_evaluation_and_reward() -> None:
 
 def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path, monkeypatch) -> None:
     """The pretraining script end to end for a few steps, with the non-default options a GPU run would use (patch 8
-    here to stay fast) and `--compile`: every training step runs through the compiled forward, the saved pipeline
-    loads through `from_pretrained` with that architecture, and its card and sidecar record the run and the command
-    that reproduces it."""
+    here to stay fast), trained two-layer text encoders and `--compile`: every training step runs through the
+    compiled forward, the saved pipeline loads through `from_pretrained` with that architecture, and its card and
+    sidecar record the run and the command that reproduces it."""
     from diffusers import StableDiffusion3Pipeline
 
     from flowalign.zoo import pretrain
@@ -170,7 +170,8 @@ def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path, monkeypatch
     monkeypatch.setattr(torch, "compile", spy_compile)
     out, runs = tmp_path / "out", tmp_path / "runs"
     args = ["--out", str(out), "--runs", str(runs), "--steps", "3", "--vae-steps", "2", "--device", "cpu"]
-    args += ["--patch-size", "8", "--width", "64", "--layers", "1", "--no-sweep", "--compile"]
+    args += ["--patch-size", "8", "--width", "64", "--layers", "1", "--text-layers", "2", "--train-text"]
+    args += ["--no-sweep", "--compile"]
     threads = torch.get_num_threads()
     try:
         pretrain.main(args + ["--num-steps", "2", "--eval-seeds", "0", "--threads", "1"])
@@ -185,12 +186,20 @@ def test_pretrain_script_runs_and_its_output_loads_offline(tmp_path, monkeypatch
     assert t["steps"] == 3
     assert len(compiled_calls) == 3  # one compiled forward per training step
     # every changed option, so that the command reproduces the run (the device is named where not "auto")
-    tail = "--steps 3 --seed 0 --vae-steps 2 --device cpu --patch-size 8 --width 64 --layers 1 --compile --num-steps 2"
-    assert t["command"].endswith(f"{tail} --eval-seeds 0 --no-sweep")
+    tail = "--steps 3 --seed 0 --vae-steps 2 --device cpu --patch-size 8 --width 64 --layers 1 --text-layers 2"
+    assert t["command"].endswith(f"{tail} --train-text --compile --num-steps 2 --eval-seeds 0 --no-sweep")
+    # the text encoders trained (their saved EMA weights moved off the seed's initialisation) and have two layers
+    init = sm.build_shapes_pipeline(seed=0, text_layers=2)
+    for name in ("text_encoder", "text_encoder_2"):
+        saved, fresh = getattr(pipe, name), getattr(init, name)
+        assert saved.config.num_hidden_layers == 2
+        fresh_state = fresh.state_dict()
+        assert any(not torch.equal(v, fresh_state[k]) for k, v in saved.state_dict().items()), name
     assert side["eval"]["n"] == len(world.eval_captions())
     card = (out / "README.md").read_text()
     assert "patch 8 on 32×32×3 pixels (16 image tokens)" in card
     assert "bf16 autocast, torch.compile" in card
+    assert "2 layers, width 64, **trained with the transformer** (the pipeline reads layer 1's states)" in card
     assert len(list(runs.glob("transformer_step*.safetensors"))) == 1
 
 
@@ -236,3 +245,17 @@ def test_a_pretrained_folder_is_loaded_with_the_settings_it_ships(tmp_path):
     assert load_model(folder)[1] == zoo.sampling_settings("shapes")
     assert recommended_sampling(folder) == recommended_sampling("shapes") != {}
     assert build_adapter(make_config({"model": folder})).max_sequence_length == 4
+
+
+def test_caption_encoder_makes_the_pipelines_own_prompt_embeddings() -> None:
+    """`--train-text` encodes captions per batch with `CaptionEncoder` instead of the pipeline's `encode_prompt`; the
+    transformer must see the same embeddings either way (one- and two-layer encoders, the empty prompt included)."""
+    from flowalign.zoo import pretrain
+
+    captions = world.train_captions()[::40] + [""]
+    for layers in (1, 2):
+        pipe = sm.build_shapes_pipeline(seed=1, text_layers=layers)
+        embeds, pooled = pretrain.encode_captions(pipe, captions)
+        with torch.no_grad():
+            mine, mine_pooled = pretrain.CaptionEncoder(pipe, captions)(torch.arange(len(captions)).flip(0))
+        assert torch.equal(mine, embeds.flip(0)) and torch.equal(mine_pooled, pooled.flip(0))

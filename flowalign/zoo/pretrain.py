@@ -3,12 +3,14 @@
     python -m flowalign.zoo.pretrain --out flowalign/zoo/shapes --minutes 52 --seed 0 --no-bf16 --compile
 
 Recipe (a nanoGPT-style linear script; the "why" is in the comments):
-1. Build the untrained pipeline from `shapes_model` configs (frozen random CLIP text encoders).
+1. Build the untrained pipeline from `shapes_model` configs (frozen random CLIP text encoders; `--train-text`
+   trains them with the transformer).
 2. Train the one-level autoencoder to copy its input (encoder mean ≈ pixels, decoder(pixels + noise) ≈ pixels),
    so latents are pixels in [-1, 1] and the stock pipeline decodes them unchanged.
 3. Train the transformer by rectified-flow matching in SD3's convention: x_σ = (1−σ)·x0 + σ·ε, target
    v = ε − x0, timestep = 1000·σ (SD3 paper, Esser et al. 2024, eq. 1 and §3.1 "logit-normal sampling").
-   Captions are encoded once by the pipeline's own `encode_prompt`; 10% are dropped to the empty prompt, encoded
+   Captions are encoded once by the pipeline's own `encode_prompt` (per batch by `CaptionEncoder`, the same
+   function, when `--train-text` trains the encoders); 10% are dropped to the empty prompt, encoded
    exactly as the pipeline encodes the negative prompt, so classifier-free guidance works.
    Images are rendered on the fly by `flowalign.world.sample_batch`. EMA weights are what is saved.
 4. Every `--ckpt-minutes`, save the EMA pipeline to `--out` (an interrupted run still leaves weights), keep its
@@ -69,6 +71,28 @@ def encode_captions(pipe: Any, captions: list[str], batch: int = 256) -> tuple[t
         embeds.append(e)
         pooled.append(p)
     return torch.cat(embeds), torch.cat(pooled)
+
+
+class CaptionEncoder:
+    """The pipeline's two CLIP encoders as a differentiable function of caption indices, so pretraining can train
+    them: the same embeddings `encode_prompt` makes (penultimate hidden states of both, concatenated, then the
+    `max_sequence_length` zero "T5" tokens; pooled projections concatenated)."""
+
+    def __init__(self, pipe: Any, captions: list[str]) -> None:
+        self.encoders = [pipe.text_encoder, pipe.text_encoder_2]
+        tok = pipe.tokenizer(captions, padding="max_length", max_length=sm.TEXT_LEN, truncation=True)
+        self.ids = torch.tensor(tok.input_ids)
+
+    def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self.ids[idx.cpu()].to(idx.device)
+        states, pooled = [], []
+        for enc in self.encoders:
+            out = enc(ids, output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+            pooled.append(out.text_embeds)
+        h = torch.cat(states, -1)
+        h = torch.cat([h, h.new_zeros(h.shape[0], sm.MAX_SEQUENCE_LENGTH, h.shape[-1])], 1)
+        return h, torch.cat(pooled, -1)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -208,6 +232,11 @@ def write_card(out: Path, info: dict[str, Any]) -> None:
     tc, prm = info["transformer_config"], info["params"]
     width = tc["num_attention_heads"] * tc["attention_head_dim"]
     tokens = (world.IMAGE_SIZE // tc["patch_size"]) ** 2
+    text_layers = info.get("text_layers", 1)
+    text_how = "trained with the transformer" if t.get("train_text") else "frozen at random init"
+    text_reads = "the token + position embeddings" if text_layers == 1 else f"layer {text_layers - 1}'s states"
+    text_note = " The text encoders train with it (same optimiser and EMA, no weight decay on embeddings)."
+    text_note = text_note if t.get("train_text") else ""
     component_rows = "\n".join(
         [
             f"| transformer | `SD3Transformer2DModel` | {prm['transformer']:,} | {tc['num_layers']} joint blocks, "
@@ -215,8 +244,8 @@ def write_card(out: Path, info: dict[str, Any]) -> None:
             f"| vae | `AutoencoderKL` | {prm['vae']:,} | one level (`vae_scale_factor` 1), 3 latent channels = pixels "
             "in [-1, 1], scaling 1, shift 0; trained to copy renders |",
             f"| text_encoder, text_encoder_2 | `CLIPTextModelWithProjection` | {prm['text_encoder']:,} each | "
-            f"1 layer, width {sm.TEXT_HIDDEN}, **frozen at random init** (the pipeline reads the token + position "
-            "embeddings) |",
+            f"{text_layers} layer{'s' * (text_layers > 1)}, width {sm.TEXT_HIDDEN}, **{text_how}** (the pipeline "
+            f"reads {text_reads}) |",
             f"| tokenizer, tokenizer_2 | `CLIPTokenizer` | {info['vocab_size']} tokens | real CLIP BPE (open_clip's "
             f"file) reduced to the grammar's words, padded to {sm.TEXT_LEN} |",
             "| text_encoder_3, tokenizer_3 | — | — | none: the pipeline appends `max_sequence_length` = "
@@ -289,7 +318,7 @@ binomial standard error √(p(1−p)/n).
 - Transformer: rectified flow in SD3's convention (x_σ = (1−σ)x0 + σε, v = ε − x0, timestep 1000σ), σ from
   logit-normal(0, 1) mixed 3:7 with uniform, 10% caption dropout to the empty prompt, AdamW lr {t["lr"]} (β 0.9/0.99,
   wd 0.01), {t["warmup_steps"]} warm-up steps then cosine to 10%, grad-clip 1, {precision}, EMA {t["ema_decay"]}
-  (saved weights are the EMA).
+  (saved weights are the EMA).{text_note}
 - Steps: {t["steps"]:,} ({t["samples"]:,} samples), {t["samples_per_s"]:.1f} samples/s.
 - Wall time: {t["wall_minutes"]:.1f} min in all (autoencoder {t["vae_minutes"]:.1f}, transformer
   {t["train_minutes"]:.1f}, the rest checkpoint and final evaluations), seed {t["seed"]},
@@ -390,6 +419,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patch-size", type=int, default=sm.PATCH_SIZE, help="transformer patch (2: 256 image tokens)")
     p.add_argument("--width", type=int, default=sm.WIDTH, help="transformer width (a multiple of 32)")
     p.add_argument("--layers", type=int, default=sm.LAYERS, help="transformer joint blocks")
+    p.add_argument("--text-layers", type=int, default=1, help="layers of each CLIP text encoder")
+    p.add_argument(
+        "--train-text",
+        action="store_true",
+        help="train the text encoders with the transformer (with --text-layers 2 the token states are contextual)",
+    )
     # bf16 autocast is the default (GPUs); on this 2-core CPU fp32 (--no-bf16) is faster at this model size (eager:
     # 210 vs 188 samples/s in isolation), and the shipped v2 weights were trained so (see the card's command).
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (transformer)")
@@ -437,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
     arch = sm.transformer_config(args.patch_size, args.width, args.layers)  # bad sizes fail here, before any work
     rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)  # on the CPU, so data and noise follow the seed on any device
-    pipe = sm.build_shapes_pipeline(args.seed, transformer=arch).to(device)
+    pipe = sm.build_shapes_pipeline(args.seed, transformer=arch, text_layers=args.text_layers).to(device)
 
     # 2. autoencoder
     t0 = time.time()
@@ -449,11 +484,18 @@ def main(argv: list[str] | None = None) -> None:
     index = {c: i for i, c in enumerate(captions)}
     cond, pooled = encode_captions(pipe, captions + [""])
     empty = len(captions)
+    text = CaptionEncoder(pipe, captions + [""]) if args.train_text else None  # holds the live (non-EMA) encoders
     pipe.set_progress_bar_config(disable=True)
     model = pipe.transformer.train().requires_grad_(True)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    decay_params = [q for n, q in model.named_parameters() if q.ndim >= 2 and "pos_embed" not in n]
-    other_params = [q for n, q in model.named_parameters() if not (q.ndim >= 2 and "pos_embed" not in n)]
+    trained = torch.nn.ModuleDict({"transformer": model})
+    if args.train_text:
+        trained["text_encoder"] = pipe.text_encoder.train().requires_grad_(True)
+        trained["text_encoder_2"] = pipe.text_encoder_2.train().requires_grad_(True)
+    ema_text = [copy.deepcopy(m).eval().requires_grad_(False) for k, m in trained.items() if k != "transformer"]
+    decays = {n: q.ndim >= 2 and "pos_embed" not in n and "embedding" not in n for n, q in trained.named_parameters()}
+    decay_params = [q for n, q in trained.named_parameters() if decays[n]]
+    other_params = [q for n, q in trained.named_parameters() if not decays[n]]
     opt = torch.optim.AdamW(
         [{"params": decay_params, "weight_decay": 0.01}, {"params": other_params, "weight_decay": 0.0}],
         lr=args.lr,
@@ -474,6 +516,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def checkpoint() -> None:
         pipe.register_modules(transformer=ema)
+        if ema_text:
+            pipe.register_modules(text_encoder=ema_text[0], text_encoder_2=ema_text[1])
         pipe.save_pretrained(args.out, safe_serialization=True)
         state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
         save_file(state, str(args.runs / f"transformer_step{step:06d}.safetensors"))
@@ -501,20 +545,28 @@ def main(argv: list[str] | None = None) -> None:
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         target = noise - x0
+        if text is not None:
+            batch_cond, batch_pooled = text(ids)
+        else:
+            batch_cond, batch_pooled = cond[ids], pooled[ids]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             pred = forward(
                 hidden_states=x_t,
-                encoder_hidden_states=cond[ids],
-                pooled_projections=pooled[ids],
+                encoder_hidden_states=batch_cond,
+                pooled_projections=batch_pooled,
                 timestep=sigma * 1000,
                 return_dict=False,
             )[0]
         loss = F.mse_loss(pred.float(), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
-        ema_update(ema, model, min(args.ema_decay, (1 + step) / (10 + step)))
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        ema_update(ema, model, decay)
+        if args.train_text:
+            ema_update(ema_text[0], trained["text_encoder"], decay)
+            ema_update(ema_text[1], trained["text_encoder_2"], decay)
         step += 1
         loss_f = float(loss.detach())
         loss_avg = 0.98 * loss_avg + 0.02 * loss_f if step > 1 else loss_f
@@ -551,6 +603,7 @@ def main(argv: list[str] | None = None) -> None:
         "ema_decay": args.ema_decay,
         "final_loss": loss_avg,
         "threads": args.threads,
+        "train_text": args.train_text,
         "bf16": args.bf16,
         "compile": args.compile,
         "hardware": torch.cuda.get_device_name(device)
@@ -623,6 +676,7 @@ def _pipeline_facts(pipe: Any) -> dict[str, Any]:
             "text_encoder": sum(q.numel() for q in pipe.text_encoder.parameters()),
         },
         "vocab_size": len(pipe.tokenizer),
+        "text_layers": pipe.text_encoder.config.num_hidden_layers,
         "transformer_config": dict(pipe.transformer.config),
     }
 

@@ -12,7 +12,8 @@ real SD3 checkpoint (the adapter, the samplers, `pipe(...)` itself) works on it 
   vocabulary (`flowalign.tokenizer.clip_tokenizer(words=grammar_words())`). They stay frozen at their random
   initialisation: the pipeline reads the penultimate hidden state, which for one layer is the token + position
   embedding itself — an exact, information-preserving code of the caption — and the pooled projection of
-  the end-of-text state still separates captions.
+  the end-of-text state still separates captions. (`text_layers=2` with pretraining's `--train-text` makes the
+  token states contextual instead; measured on CPU in docs/EXPERIMENTS.md, "Trained text encoders", not shipped.)
 - `text_encoder_3 = tokenizer_3 = None`: the pipeline then appends `max_sequence_length` zero tokens, which
   act as a few constant register tokens. Training and every sampling call must use the same value
   (`MAX_SEQUENCE_LENGTH`, also written to the `flowalign.json` sidecar).
@@ -86,13 +87,13 @@ VAE_CONFIG = dict(
 SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=SCHEDULER_SHIFT)
 
 
-def text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
-    """A one-layer CLIP text config whose vocabulary and special ids match `tokenizer`."""
+def text_config(tokenizer: CLIPTokenizer, layers: int = 1) -> CLIPTextConfig:
+    """A small CLIP text config (one layer by default) whose vocabulary and special ids match `tokenizer`."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
         hidden_size=TEXT_HIDDEN,
         intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         max_position_embeddings=TEXT_LEN,
         projection_dim=TEXT_PROJECTION,
@@ -109,8 +110,8 @@ def shapes_tokenizer() -> CLIPTokenizer:
     return clip_tokenizer(words=grammar_words(), model_max_length=TEXT_LEN)
 
 
-def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
-    encoder = CLIPTextModelWithProjection(text_config(tokenizer))
+def _text_encoder(tokenizer: CLIPTokenizer, layers: int = 1) -> CLIPTextModelWithProjection:
+    encoder = CLIPTextModelWithProjection(text_config(tokenizer, layers))
     # CLIP initialises embeddings with std 0.02; unit-scale codes are easier for the (trained) context
     # embedder to read, and since the encoders stay frozen this scale is what the transformer sees.
     emb = encoder.text_model.embeddings
@@ -120,15 +121,17 @@ def _text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModelWithProjection:
     return encoder.eval().requires_grad_(False)
 
 
-def build_shapes_pipeline(seed: int = 0, transformer: dict[str, Any] | None = None) -> StableDiffusion3Pipeline:
+def build_shapes_pipeline(
+    seed: int = 0, transformer: dict[str, Any] | None = None, text_layers: int = 1
+) -> StableDiffusion3Pipeline:
     """Builds the untrained `shapes` pipeline from the configs above (no downloads, deterministic in `seed`).
 
     `transformer`: a `transformer_config(...)`; None = the shipped size.
     """
     torch.manual_seed(seed)
     tokenizer = shapes_tokenizer()
-    text_encoder = _text_encoder(tokenizer)
-    text_encoder_2 = _text_encoder(tokenizer)
+    text_encoder = _text_encoder(tokenizer, text_layers)
+    text_encoder_2 = _text_encoder(tokenizer, text_layers)
     transformer_model = SD3Transformer2DModel(**(transformer or transformer_config()))
     vae = AutoencoderKL(**VAE_CONFIG)
     scheduler = FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG)
