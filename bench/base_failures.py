@@ -34,16 +34,22 @@ from flowalign.config import load_config
 from rewards import shapes
 
 
-def binding(spec: world.CaptionSpec, found: tuple[shapes.Detection, ...]) -> str | None:
-    """For a caption naming two objects of different colours and shapes (most position and colour attribution
-    captions): "bound" when both stated colour-shape pairs were found, "swapped" when neither was but both pairs with
-    the colours exchanged were, else "other"; None for other captions. Tells attribute binding (the right colours
-    and shapes on the wrong objects) apart from missing or misdrawn objects."""
+def two_pairs(spec: world.CaptionSpec) -> bool:
+    """Whether a caption names two objects of different colours and shapes (most position and colour attribution
+    captions), so that its colours can be found on the wrong shapes."""
     if len(spec.objects) != 2:
+        return False
+    a, b = spec.objects
+    return a.color is not None and b.color is not None and a.color != b.color and a.shape != b.shape
+
+
+def binding(spec: world.CaptionSpec, found: tuple[shapes.Detection, ...]) -> str | None:
+    """For a `two_pairs` caption: "bound" when both stated colour-shape pairs were found, "swapped" when neither was
+    but both pairs with the colours exchanged were, else "other"; None for other captions. Tells attribute binding
+    (the right colours and shapes on the wrong objects) apart from missing or misdrawn objects."""
+    if not two_pairs(spec):
         return None
     a, b = spec.objects
-    if a.color is None or b.color is None or a.color == b.color or a.shape == b.shape:
-        return None
     pairs = {(d.color, d.shape) for d in found}
     if {(a.color, a.shape), (b.color, b.shape)} <= pairs:
         return "bound"
@@ -67,7 +73,7 @@ def train_twins() -> list[str]:
     out = []
     for caption in world.train_captions():
         spec = world.parse_caption(caption)
-        if binding(spec, ()) is not None and world.caption_of(exchanged(spec)) in train:
+        if two_pairs(spec) and world.caption_of(exchanged(spec)) in train:
             out.append(caption)
     return out
 

@@ -235,8 +235,8 @@ def write_card(out: Path, info: dict[str, Any]) -> None:
     text_layers = info.get("text_layers", 1)
     text_how = "trained with the transformer" if t.get("train_text") else "frozen at random init"
     text_reads = "the token + position embeddings" if text_layers == 1 else f"layer {text_layers - 1}'s states"
-    text_note = " The text encoders train with it (same optimiser and EMA, no weight decay on embeddings)."
-    text_note = text_note if t.get("train_text") else ""
+    trained_text = " The text encoders train with it (same optimiser and EMA, no weight decay on embeddings)."
+    text_note = trained_text if t.get("train_text") else ""
     component_rows = "\n".join(
         [
             f"| transformer | `SD3Transformer2DModel` | {prm['transformer']:,} | {tc['num_layers']} joint blocks, "
@@ -479,20 +479,26 @@ def main(argv: list[str] | None = None) -> None:
     vae_rec = train_autoencoder(pipe.vae, rng, args.vae_steps, device=str(device))
     vae_minutes = (time.time() - t0) / 60
 
-    # 3. transformer. Captions are encoded once; index them by caption string.
+    # 3. transformer. Captions are encoded once (per batch when the encoders train); index them by caption string.
     captions = world.train_captions()
     index = {c: i for i, c in enumerate(captions)}
-    cond, pooled = encode_captions(pipe, captions + [""])
     empty = len(captions)
-    text = CaptionEncoder(pipe, captions + [""]) if args.train_text else None  # holds the live (non-EMA) encoders
+    if args.train_text:
+        # CaptionEncoder keeps the live encoders: checkpoints put the EMA copies into `pipe` for saving and evaluation
+        encode = CaptionEncoder(pipe, captions + [""])
+    else:
+        cond, pooled = encode_captions(pipe, captions + [""])
+
+        def encode(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return cond[ids], pooled[ids]
+
     pipe.set_progress_bar_config(disable=True)
     model = pipe.transformer.train().requires_grad_(True)
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
     trained = torch.nn.ModuleDict({"transformer": model})
     if args.train_text:
         trained["text_encoder"] = pipe.text_encoder.train().requires_grad_(True)
         trained["text_encoder_2"] = pipe.text_encoder_2.train().requires_grad_(True)
-    ema_text = [copy.deepcopy(m).eval().requires_grad_(False) for k, m in trained.items() if k != "transformer"]
+    emas = {name: copy.deepcopy(m).eval().requires_grad_(False) for name, m in trained.items()}
     decays = {n: q.ndim >= 2 and "pos_embed" not in n and "embedding" not in n for n, q in trained.named_parameters()}
     decay_params = [q for n, q in trained.named_parameters() if decays[n]]
     other_params = [q for n, q in trained.named_parameters() if not decays[n]]
@@ -515,11 +521,9 @@ def main(argv: list[str] | None = None) -> None:
         return (time.time() - t_train) / budget_s
 
     def checkpoint() -> None:
-        pipe.register_modules(transformer=ema)
-        if ema_text:
-            pipe.register_modules(text_encoder=ema_text[0], text_encoder_2=ema_text[1])
+        pipe.register_modules(**emas)
         pipe.save_pretrained(args.out, safe_serialization=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in emas["transformer"].state_dict().items()}
         save_file(state, str(args.runs / f"transformer_step{step:06d}.safetensors"))
         t_eval = time.time()
         res = evaluate_model(pipe, quick_eval_captions(), [0], args.num_steps, args.guidance)
@@ -545,10 +549,7 @@ def main(argv: list[str] | None = None) -> None:
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         target = noise - x0
-        if text is not None:
-            batch_cond, batch_pooled = text(ids)
-        else:
-            batch_cond, batch_pooled = cond[ids], pooled[ids]
+        batch_cond, batch_pooled = encode(ids)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             pred = forward(
                 hidden_states=x_t,
@@ -563,10 +564,8 @@ def main(argv: list[str] | None = None) -> None:
         torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0)
         opt.step()
         decay = min(args.ema_decay, (1 + step) / (10 + step))
-        ema_update(ema, model, decay)
-        if args.train_text:
-            ema_update(ema_text[0], trained["text_encoder"], decay)
-            ema_update(ema_text[1], trained["text_encoder_2"], decay)
+        for name, m in trained.items():
+            ema_update(emas[name], m, decay)
         step += 1
         loss_f = float(loss.detach())
         loss_avg = 0.98 * loss_avg + 0.02 * loss_f if step > 1 else loss_f

@@ -113,7 +113,7 @@ def shapes_tokenizer() -> CLIPTokenizer:
 def _text_encoder(tokenizer: CLIPTokenizer, layers: int = 1) -> CLIPTextModelWithProjection:
     encoder = CLIPTextModelWithProjection(text_config(tokenizer, layers))
     # CLIP initialises embeddings with std 0.02; unit-scale codes are easier for the (trained) context
-    # embedder to read, and since the encoders stay frozen this scale is what the transformer sees.
+    # embedder to read, and while the encoders stay frozen (the default) this scale is what the transformer sees.
     emb = encoder.text_model.embeddings
     with torch.no_grad():
         emb.token_embedding.weight.normal_(0.0, 1.0)
