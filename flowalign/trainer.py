@@ -685,15 +685,27 @@ class GRPOTrainer:
         root = self.out / "checkpoints"
         return sorted((int(d.name.removeprefix("step_")), d) for d in root.glob("step_*"))
 
-    def _check_checker(self, step_dir: Path) -> None:
-        """Refuses to continue a run graded by another shapes checker version: its log would mix two versions'
-        accuracies in one curve (evaluating a checkpoint under another version is fine: `flowalign eval`)."""
-        trained = load_run_config(step_dir).checker if (step_dir / "config.yaml").is_file() else self.cfg.checker
-        if trained != self.cfg.checker:
+    def _check_trained_config(self, step_dir: Path) -> None:
+        """Compares a checkpoint's config with this run's before resuming it. Refuses another shapes checker
+        version (the log would mix two versions' accuracies in one curve; evaluating a checkpoint under another
+        version is fine: `flowalign eval`) and warns when the KL was weighed another way."""
+        if not (step_dir / "config.yaml").is_file():
+            return
+        trained = load_run_config(step_dir)  # a checkpoint older than kl_form reads as "exact"
+        if trained.checker != self.cfg.checker:
             raise ValueError(
-                f"checkpoint {step_dir} was trained and evaluated with shapes checker v{trained}, this run uses "
-                f"v{self.cfg.checker}: resume with --checker {trained}, or start a new run to train under v"
-                f"{self.cfg.checker}"
+                f"checkpoint {step_dir} was trained and evaluated with shapes checker v{trained.checker}, this run "
+                f"uses v{self.cfg.checker}: resume with --checker {trained.checker}, or start a new run to train "
+                f"under v{self.cfg.checker}"
+            )
+        if self.cfg.kl_beta > 0 and trained.kl_form != self.cfg.kl_form:
+            logger.warning(
+                "checkpoint %s weighed its KL as kl_form %r, this run uses %r (the two differ by sigma - sigma' "
+                "per sde step): set kl_form: %s to go on as it trained",
+                step_dir,
+                trained.kl_form,
+                self.cfg.kl_form,
+                trained.kl_form,
             )
 
     def load(self, path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -701,17 +713,6 @@ class GRPOTrainer:
         directory and saved state (step, model, process count)."""
         path = checkpoint_dir(path)
         saved = json.loads((path / "state.json").read_text())
-        if self.cfg.kl_beta > 0 and (path / "config.yaml").is_file():
-            trained = load_run_config(path).kl_form  # a checkpoint older than kl_form reads as "exact"
-            if trained != self.cfg.kl_form:
-                logger.warning(
-                    "checkpoint %s weighed its KL as kl_form %r, this run uses %r (the two differ by sigma - sigma' "
-                    "per sde step): set kl_form: %s to go on as it trained",
-                    path,
-                    trained,
-                    self.cfg.kl_form,
-                    trained,
-                )
         if saved.get("model") not in (None, self.cfg.model):  # a moved or downloaded copy is fine; another model not
             logger.warning(
                 "checkpoint %s was trained on model %r, this run loads %r: fine if that is a copy of the same weights"
@@ -861,7 +862,7 @@ class GRPOTrainer:
                 "--resume auto, write this one elsewhere with --output-dir DIR, or replace it with --overwrite"
             )
         if resume:  # first: a checkpoint that does not fit leaves the run's files as they were
-            self._check_checker(checkpoint_dir(resume))
+            self._check_trained_config(checkpoint_dir(resume))
             step_dir, saved = self.load(resume)
             self._warn_process_count(step_dir, saved.get("num_processes", self.accelerator.num_processes))
         self.out.mkdir(parents=True, exist_ok=True)
