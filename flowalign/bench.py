@@ -13,7 +13,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from flowalign.config import load_config, load_run_config
+from flowalign.config import LEGACY_DEFAULTS, load_config, load_run_config
 from flowalign.trainer import checkpoint_dir, holds_run, split_log
 
 
@@ -61,7 +61,7 @@ def report_from_runs(
         if not curve:
             raise ValueError(f"{metrics} holds no evaluation: run with eval_every > 0")
         cfg = load_config(str(d / "config.yaml"))
-        versions = sorted({int(p.get("checker", 2)) for p in curve})  # logs before checker versions: v2
+        versions = sorted({int(p.get("checker", LEGACY_DEFAULTS["checker"])) for p in curve})
         runs.append({"seed": cfg.seed, "dir": str(d), "curve": curve, "checker": versions})
     if len({v for r in runs for v in r["checker"]}) > 1:  # accuracies of two checker versions do not average
         raise ValueError(

@@ -317,8 +317,9 @@ def make_config(values: dict[str, Any]) -> TrainConfig:
 
 
 # Fields added after runs were first written, with the value that gives an older run's config.yaml (which lacks
-# them) its old meaning: kl_beta was the exact Gaussian KL before kl_form existed.
-LEGACY_DEFAULTS = {"kl_form": "exact"}
+# them) its old meaning: kl_beta was the exact Gaussian KL before kl_form existed, and shapes checker v2 graded
+# everything before checker versions were recorded (the metrics logs and model cards of that time read so too).
+LEGACY_DEFAULTS = {"kl_form": "exact", "checker": 2}
 
 
 def load_run_config(checkpoint: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

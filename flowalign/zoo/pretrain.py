@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from flowalign import world
+from flowalign.config import LEGACY_DEFAULTS
 from flowalign.zoo import shapes_model as sm
 
 log = logging.getLogger("flowalign.zoo.pretrain")
@@ -201,7 +202,7 @@ def write_card(out: Path, info: dict[str, Any]) -> None:
     """Writes `README.md` (the model card) and `flowalign.json` (sampling settings + measured range)."""
     s = info["sampling"]
     ev, tr = info["eval"], info["train_eval"]
-    checker = int(ev.get("checker", 2))  # cards before checker versions were graded by v2
+    checker = int(ev.get("checker", LEGACY_DEFAULTS["checker"]))
     sidecar = {
         "max_sequence_length": sm.MAX_SEQUENCE_LENGTH,
         "num_inference_steps": s["num_inference_steps"],
