@@ -85,10 +85,7 @@ class CaptionEncoder:
         self.ids = torch.tensor(tok.input_ids)
 
     def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Each distinct caption is encoded once: a batch of 64 holds ~37 (short captions and the dropped-to-empty
-        # ones repeat), and the encoders' forward and backward were ~15% of a training step.
-        unique, inverse = idx.cpu().unique(return_inverse=True)
-        ids = self.ids[unique].to(idx.device)
+        ids = self.ids[idx.cpu()].to(idx.device)
         states, pooled = [], []
         for enc in self.encoders:
             out = enc(ids, output_hidden_states=True)
@@ -96,8 +93,7 @@ class CaptionEncoder:
             pooled.append(out.text_embeds)
         h = torch.cat(states, -1)
         h = torch.cat([h, h.new_zeros(h.shape[0], sm.MAX_SEQUENCE_LENGTH, h.shape[-1])], 1)
-        inverse = inverse.to(idx.device)
-        return h[inverse], torch.cat(pooled, -1)[inverse]
+        return h, torch.cat(pooled, -1)
 
 
 # ---------------------------------------------------------------------------------------------- training
