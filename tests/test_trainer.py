@@ -651,17 +651,22 @@ def test_statistics_combine_over_processes_as_their_kind_requires(monkeypatch):
     assert out == {"train/ratio_min": 0.5, "train/ratio_max": 3.0, "train/loss": 2.0, "train/only_here": 4.0}
 
 
-def test_an_older_runs_config_keeps_its_kl_meaning_and_checker(tmp_path):
+def test_an_older_runs_config_keeps_its_kl_meaning_and_checker(tmp_path, monkeypatch):
+    from flowalign import config
     from flowalign.config import load_config, load_run_config, to_yaml
 
     text = to_yaml(load_config("shapes", {"kl_beta": 0.04, "checker": 3}))
     older = "".join(ln for ln in text.splitlines(True) if not ln.startswith(("kl_form", "checker")))
     (tmp_path / "config.yaml").write_text(older)
+    # as if v3 were today's default: a config that names no checker gets 3 unless the legacy value fills it in
+    make = config.make_config
+    monkeypatch.setattr(config, "make_config", lambda values: make({"checker": 3, **values}))
     old = load_run_config(tmp_path)
     assert old.kl_form == "exact"  # what kl_beta meant when the run was made
-    assert old.checker == 2  # what graded it, whatever today's default (a v3 default must not relabel old runs)
+    assert old.checker == 2  # what graded it: a v3 default must not relabel old runs
     (tmp_path / "config.yaml").write_text(text)
-    assert (load_run_config(tmp_path).kl_form, load_run_config(tmp_path).checker) == ("flow_grpo", 3)
+    new = load_run_config(tmp_path)
+    assert (new.kl_form, new.checker) == ("flow_grpo", 3)
 
 
 def test_a_fork_starts_its_log_with_its_source_run(tmp_path):

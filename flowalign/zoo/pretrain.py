@@ -236,8 +236,11 @@ def write_card(out: Path, info: dict[str, Any]) -> None:
     text_layers = info.get("text_layers", 1)
     text_how = "trained with the transformer" if t.get("train_text") else "frozen at random init"
     text_reads = "the token + position embeddings" if text_layers == 1 else f"layer {text_layers - 1}'s states"
-    trained_text = " The text encoders train with it (same optimiser and EMA, no weight decay on embeddings)."
-    text_note = trained_text if t.get("train_text") else ""
+    text_note = (
+        " The text encoders train with it (same optimiser and EMA, no weight decay on embeddings)."
+        if t.get("train_text")
+        else ""
+    )
     component_rows = "\n".join(
         [
             f"| transformer | `SD3Transformer2DModel` | {prm['transformer']:,} | {tc['num_layers']} joint blocks, "
