@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -80,6 +81,17 @@ def _can_compile(device: torch.device) -> bool:
         logger.warning("compile: %s; running eager (~12%% slower steps on CPU; install g++ or set CXX)", err)
         return False
     return True
+
+
+def weights_fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a model's weights, saved with every checkpoint: a model name cannot tell two versions of
+    one model apart (the zoo's `shapes` weights change between releases). Hashing the first 64 values of each
+    tensor keeps it cheap at any size; any two trainings or initialisations differ there."""
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        if not t.is_meta:  # offloaded weights have no values here
+            h.update(name.encode() + t.detach().flatten()[:64].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _copy_to_cpu(module: torch.nn.Module) -> torch.nn.Module:
@@ -216,6 +228,7 @@ class GRPOTrainer:
 
         transformer = adapter.transformer
         transformer.requires_grad_(False)
+        self.base_fingerprint = weights_fingerprint(transformer)  # before LoRA: the base weights alone
         self.ref_model: torch.nn.Module | None = None
         if cfg.lora_rank > 0:
             from peft import LoraConfig
@@ -662,6 +675,7 @@ class GRPOTrainer:
             "step": self.step,
             "lora_rank": self.cfg.lora_rank,
             "model": self.cfg.model,
+            "base_fingerprint": self.base_fingerprint,
             "num_processes": self.accelerator.num_processes,
         }
         (tmp / "state.json").write_text(json.dumps(meta))
@@ -719,6 +733,16 @@ class GRPOTrainer:
                 " (moved, or downloaded); another base model would mix two models",
                 path,
                 saved["model"],
+                self.cfg.model,
+            )
+        if saved.get("base_fingerprint") not in (None, self.base_fingerprint):  # None: saved before fingerprints
+            logger.warning(
+                "checkpoint %s was trained on other base weights than this run loads (fingerprint %s, these %s): "
+                "another version of model %r (a newer flowalign ships new shapes weights), or the same weights in "
+                "another dtype; its trained weights on this base mix two models",
+                path,
+                saved["base_fingerprint"],
+                self.base_fingerprint,
                 self.cfg.model,
             )
         state = load_file(path / "trainable.safetensors")

@@ -1,5 +1,6 @@
 """GRPO trainer end to end on the tiny SD3 pipeline: it learns, it resumes exactly, it fails cleanly."""
 
+import copy
 import json
 import math
 
@@ -635,6 +636,32 @@ def test_resume_names_a_checkpoint_of_another_model_and_an_older_kl(tmp_path, ca
         _trainer(tmp_path, max_steps=2, kl_beta=0.1).train(resume="auto", progress=False)
     assert "trained on model 'someone/else', this run loads 'tiny'" in caplog.text
     assert "weighed its KL as kl_form 'exact', this run uses 'flow_grpo'" in caplog.text  # read as it predates it
+
+
+def test_a_checkpoint_of_other_base_weights_is_named_when_loaded(tmp_path, caplog):
+    """Two versions of one model share a name; the base weights' fingerprint in state.json tells them apart."""
+    from flowalign.trainer import weights_fingerprint
+
+    layer = torch.nn.Linear(8, 8)
+    copied = copy.deepcopy(layer)
+    assert weights_fingerprint(copied) == weights_fingerprint(layer)
+    with torch.no_grad():
+        copied.weight[3, 5] += 1e-6
+    assert weights_fingerprint(copied) != weights_fingerprint(layer)
+
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.train(progress=False)
+    step = tmp_path / "checkpoints" / "step_000001"
+    saved = json.loads((step / "state.json").read_text())
+    assert saved["base_fingerprint"] == trainer.base_fingerprint  # of the base: LoRA and training leave it alone
+    fresh = _trainer(tmp_path / "fresh")
+    with caplog.at_level("WARNING"):
+        fresh.load(step)
+    assert fresh.base_fingerprint == trainer.base_fingerprint and "other base weights" not in caplog.text
+    (step / "state.json").write_text(json.dumps({**saved, "base_fingerprint": "0123456789abcdef"}))
+    with caplog.at_level("WARNING"):
+        fresh.load(step)
+    assert "other base weights than this run loads (fingerprint 0123456789abcdef" in caplog.text
 
 
 def test_statistics_combine_over_processes_as_their_kind_requires(monkeypatch):
