@@ -13,11 +13,11 @@ cx, cy).
 Versions (every figure names one; accuracies are comparable only under one version):
 - 2, the default: every figure measured up to checker v3 used it. Unknown when the box is longer than 1.5x on one
   side or no template reaches IoU 0.65. Lenient by construction: an 8x12 rectangle passes as a square, and a blob
-  between circle and square gets whichever template wins by a hair (21 of 180 shapes of base samples by < 0.02).
+  between circle and square gets whichever template wins by a hair (21 of 180 shapes of base v2's samples by < 0.02).
 - 3, stricter: also unknown when the two best templates score within 0.03 of each other (a coin flip in v2), when
   the box is longer than 1.3x, the IoU under 0.7 or the solidity (area / convex-hull area) under 0.75 (rings,
   crosses, Ls); and a blob of ink of no palette colour (black, grey, orange...) that touches no palette pixel is
-  an object, so an extra (a blended edge or blur halo touches its object). On the base model's held-out samples
+  an object, so an extra (a blended edge or blur halo touches its object). On base v2's held-out samples
   (main-job settings, three seeds): 21.7% strict against v2's 29.9%.
 
 Constraints per category (strict = 1 iff all hold; partial = the fraction that hold):

@@ -24,7 +24,8 @@ ZOO: dict[str, Path] = {
 
 # How each model is (re)made; named in the error when its weights are missing.
 _PRETRAIN_COMMANDS: dict[str, str] = {
-    "shapes": "python -m flowalign.zoo.pretrain --out flowalign/zoo/shapes --minutes 52 --seed 0 --no-bf16 --compile",
+    "shapes": "python -m flowalign.zoo.pretrain --out flowalign/zoo/shapes --steps 10670 --seed 0 --text-layers 2 "
+    "--train-text --no-bf16 --compile",
 }
 
 

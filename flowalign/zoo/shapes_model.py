@@ -8,12 +8,13 @@ real SD3 checkpoint (the adapter, the samplers, `pipe(...)` itself) works on it 
   shapes, so a learned latent space buys nothing a 2-CPU budget could pay for.
 - `vae`: a one-level `AutoencoderKL` (no down-sampling, `vae_scale_factor == 1`, 3 latent channels) trained to
   copy its input, so a latent *is* the image in [-1, 1]; it only lets the stock pipeline decode unchanged.
-- `text_encoder`, `text_encoder_2`: two one-layer `CLIPTextModelWithProjection`s over a reduced real-CLIP
-  vocabulary (`flowalign.tokenizer.clip_tokenizer(words=grammar_words())`). They stay frozen at their random
-  initialisation: the pipeline reads the penultimate hidden state, which for one layer is the token + position
-  embedding itself — an exact, information-preserving code of the caption — and the pooled projection of
-  the end-of-text state still separates captions. (`text_layers=2` with pretraining's `--train-text` makes the
-  token states contextual instead; measured on CPU in docs/EXPERIMENTS.md, "Trained text encoders", not shipped.)
+- `text_encoder`, `text_encoder_2`: two small `CLIPTextModelWithProjection`s over a reduced real-CLIP
+  vocabulary (`flowalign.tokenizer.clip_tokenizer(words=grammar_words())`). The shipped model (base v3) has two
+  layers each, trained with the transformer (pretraining's `--text-layers 2 --train-text`), so the token states
+  the transformer reads are contextual: "red" before "circle" differs from "red" before "square". The builder's
+  default, one layer frozen at random initialisation (base v2), also works: the penultimate hidden state is then
+  the token + position embedding itself, an exact code of the caption, and the pooled projection of the
+  end-of-text state still separates captions. Measured against each other in docs/EXPERIMENTS.md.
 - `text_encoder_3 = tokenizer_3 = None`: the pipeline then appends `max_sequence_length` zero tokens, which
   act as a few constant register tokens. Training and every sampling call must use the same value
   (`MAX_SEQUENCE_LENGTH`, also written to the `flowalign.json` sidecar).
