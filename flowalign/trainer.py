@@ -83,15 +83,22 @@ def _can_compile(device: torch.device) -> bool:
     return True
 
 
-def weights_fingerprint(module: torch.nn.Module) -> str:
+def weights_fingerprint(module: torch.nn.Module) -> str | None:
     """A short hash of a model's weights, saved with every checkpoint: a model name cannot tell two versions of
-    one model apart (the zoo's `shapes` weights change between releases). Hashing the first 64 values of each
-    tensor keeps it cheap at any size; any two trainings or initialisations differ there."""
-    h = hashlib.sha256()
+    one model apart (the zoo's `shapes` weights changed with base v3). It hashes each tensor's name, shape and first
+    64 values rounded to bf16 (so an fp32 and a bf16 load of one checkpoint agree): cheap at any size, and two
+    trainings or initialisations differ there. None when no tensor has values here (all offloaded)."""
+    h, hashed = hashlib.sha256(), 0
     for name, t in sorted(module.state_dict().items()):
-        if not t.is_meta:  # offloaded weights have no values here
-            h.update(name.encode() + t.detach().flatten()[:64].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+        if isinstance(t, Tensor) and not t.is_meta:
+            head = t.detach().reshape(-1)[:64].to(torch.bfloat16).float().cpu().numpy()
+            h.update(f"{name}{tuple(t.shape)}".encode() + head.tobytes())
+            hashed += 1
+    return h.hexdigest()[:16] if hashed else None
+
+
+# Checkpoints saved before fingerprints: every `shapes` one was trained on base v2 (or the older v1).
+LEGACY_FINGERPRINTS = {"shapes": "025e495d5ae51b1d"}
 
 
 def _copy_to_cpu(module: torch.nn.Module) -> torch.nn.Module:
@@ -735,13 +742,14 @@ class GRPOTrainer:
                 saved["model"],
                 self.cfg.model,
             )
-        if saved.get("base_fingerprint") not in (None, self.base_fingerprint):  # None: saved before fingerprints
+        trained_on = saved.get("base_fingerprint", LEGACY_FINGERPRINTS.get(saved.get("model")))
+        if None not in (trained_on, self.base_fingerprint) and trained_on != self.base_fingerprint:
             logger.warning(
                 "checkpoint %s was trained on other base weights than this run loads (fingerprint %s, these %s): "
-                "another version of model %r (a newer flowalign ships new shapes weights), or the same weights in "
-                "another dtype; its trained weights on this base mix two models",
+                "another version of model %r (flowalign's shapes weights changed with base v3); its trained weights "
+                "on this base mix two models: train again, or load it with the base it was trained on (--model DIR)",
                 path,
-                saved["base_fingerprint"],
+                trained_on,
                 self.base_fingerprint,
                 self.cfg.model,
             )

@@ -640,28 +640,42 @@ def test_resume_names_a_checkpoint_of_another_model_and_an_older_kl(tmp_path, ca
 
 def test_a_checkpoint_of_other_base_weights_is_named_when_loaded(tmp_path, caplog):
     """Two versions of one model share a name; the base weights' fingerprint in state.json tells them apart."""
-    from flowalign.trainer import weights_fingerprint
+    from flowalign.testing import tiny_sd3_pipeline
+    from flowalign.trainer import LEGACY_FINGERPRINTS, weights_fingerprint
 
     layer = torch.nn.Linear(8, 8)
     copied = copy.deepcopy(layer)
-    assert weights_fingerprint(copied) == weights_fingerprint(layer)
+    assert weights_fingerprint(copied) == weights_fingerprint(layer) == weights_fingerprint(copied.bfloat16())
     with torch.no_grad():
-        copied.weight[3, 5] += 1e-6
-    assert weights_fingerprint(copied) != weights_fingerprint(layer)
+        layer.weight[3, 5] += 0.01
+    assert weights_fingerprint(layer) != weights_fingerprint(copied)
+    assert weights_fingerprint(torch.nn.Linear(8, 8, device="meta")) is None  # offloaded: nothing to compare
 
     trainer = _trainer(tmp_path, max_steps=1)
     trainer.train(progress=False)
     step = tmp_path / "checkpoints" / "step_000001"
     saved = json.loads((step / "state.json").read_text())
-    assert saved["base_fingerprint"] == trainer.base_fingerprint  # of the base: LoRA and training leave it alone
+    base = weights_fingerprint(tiny_sd3_pipeline().transformer)  # the base as built, before any LoRA
+    assert saved["base_fingerprint"] == trainer.base_fingerprint == base
     fresh = _trainer(tmp_path / "fresh")
     with caplog.at_level("WARNING"):
         fresh.load(step)
-    assert fresh.base_fingerprint == trainer.base_fingerprint and "other base weights" not in caplog.text
+    assert "other base weights" not in caplog.text
     (step / "state.json").write_text(json.dumps({**saved, "base_fingerprint": "0123456789abcdef"}))
     with caplog.at_level("WARNING"):
         fresh.load(step)
     assert "other base weights than this run loads (fingerprint 0123456789abcdef" in caplog.text
+    caplog.clear()  # saved before fingerprints: a `shapes` checkpoint was trained on base v2
+    (step / "state.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "base_fingerprint"}))
+    with caplog.at_level("WARNING"):
+        fresh.load(step)
+    assert "other base weights" not in caplog.text
+    (step / "state.json").write_text(
+        json.dumps({**{k: v for k, v in saved.items() if k != "base_fingerprint"}, "model": "shapes"})
+    )
+    with caplog.at_level("WARNING"):
+        fresh.load(step)
+    assert f"(fingerprint {LEGACY_FINGERPRINTS['shapes']}, these {base})" in caplog.text
 
 
 def test_statistics_combine_over_processes_as_their_kind_requires(monkeypatch):
