@@ -734,16 +734,17 @@ class GRPOTrainer:
         directory and saved state (step, model, process count)."""
         path = checkpoint_dir(path)
         saved = json.loads((path / "state.json").read_text())
-        if saved.get("model") not in (None, self.cfg.model):  # a moved or downloaded copy is fine; another model not
-            logger.warning(
-                "checkpoint %s was trained on model %r, this run loads %r: fine if that is a copy of the same weights"
-                " (moved, or downloaded); another base model would mix two models",
-                path,
-                saved["model"],
-                self.cfg.model,
-            )
         trained_on = saved.get("base_fingerprint", LEGACY_FINGERPRINTS.get(saved.get("model")))
-        if None not in (trained_on, self.base_fingerprint) and trained_on != self.base_fingerprint:
+        if None in (trained_on, self.base_fingerprint):  # no fingerprint to compare: the name is all there is
+            if saved.get("model") not in (None, self.cfg.model):
+                logger.warning(
+                    "checkpoint %s was trained on model %r, this run loads %r: fine if that is a copy of the same "
+                    "weights (moved, or downloaded); another base model would mix two models",
+                    path,
+                    saved["model"],
+                    self.cfg.model,
+                )
+        elif trained_on != self.base_fingerprint:  # a moved or renamed copy has the same fingerprint: silent
             logger.warning(
                 "checkpoint %s was trained on other base weights than this run loads (fingerprint %s, these %s): "
                 "another version of model %r (flowalign's shapes weights changed with base v3); its trained weights "
