@@ -44,10 +44,11 @@ def test_short_alignment_raises_held_out_partial_accuracy(tmp_path):
     each its own noise; the standard error of a partial mean is then ~2 points). The three seeds run side by side
     through the CLI at one thread each. The spread is the range of the three final accuracies: with two seeds (this
     test until the seventeenth session) it was one difference, itself as noisy as a gain. Spread over all 530
-    training captions, 120 steps stay within noise (docs/EXPERIMENTS.md); the gain here comes late (+2 to +4 at step
-    120). Measured as committed on base v3: 1 h 36 min on 2 cores, 68.5% -> 74.5% / 74.0% / 78.5% (+6.0 / +5.5 /
-    +10.0, spread 4.5: a one-point margin), strict 23.0% -> 32.0% / 30.5% / 37.5% (bench/results/v3_slow_test.json).
-    On base v2 it gained +16.0 / +16.0 / +15.0 with a spread of 1.0 (v2_slow_test_run3.json).
+    training captions, 120 steps stay within noise (docs/EXPERIMENTS.md); the gain here comes late (+0.5 to +3 at step
+    120 on base v3). Measured as committed on base v3: 1 h 36 min on 2 cores, 68.5% -> 74.5% / 74.0% / 78.5% (+6.0 /
+    +5.5 / +10.0, spread 4.5: a one-point margin), strict 23.0% -> 32.0% / 30.5% / 37.5%
+    (bench/results/v3_slow_test.json). On base v2 it gained +16.0 / +16.0 / +15.0 with a spread of 1.0
+    (v2_slow_test_run3.json).
     """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     args = (
