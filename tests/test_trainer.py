@@ -668,13 +668,12 @@ def test_a_checkpoint_of_other_base_weights_is_named_when_loaded(tmp_path, caplo
         fresh.load(step)
     assert "other base weights than this run loads (fingerprint 0123456789abcdef" in caplog.text
     caplog.clear()  # saved before fingerprints: a `shapes` checkpoint was trained on base v2
-    (step / "state.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "base_fingerprint"}))
+    legacy = {k: v for k, v in saved.items() if k != "base_fingerprint"}
+    (step / "state.json").write_text(json.dumps(legacy))
     with caplog.at_level("WARNING"):
         fresh.load(step)
     assert "other base weights" not in caplog.text
-    (step / "state.json").write_text(
-        json.dumps({**{k: v for k, v in saved.items() if k != "base_fingerprint"}, "model": "shapes"})
-    )
+    (step / "state.json").write_text(json.dumps({**legacy, "model": "shapes"}))
     with caplog.at_level("WARNING"):
         fresh.load(step)
     assert f"(fingerprint {LEGACY_FINGERPRINTS['shapes']}, these {base})" in caplog.text
